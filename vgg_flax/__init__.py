@@ -1,0 +1,19 @@
+"""VGG (Simonyan & Zisserman, arXiv 1409.1556) in JAX/Flax, numerically identical to torchvision.
+
+>>> import vgg_flax
+>>> model = vgg_flax.VGG16(num_classes=10)              # a Flax Linen module, NHWC
+>>> model = vgg_flax.create("vgg16", taps=("relu1_2", "relu4_3"))
+>>> variables = vgg_flax.from_torch(torch_state_dict, "vgg16")
+"""
+from vgg_flax.arch import CFGS, VARIANTS
+from vgg_flax.model import VGG
+from vgg_flax.registry import (VGG11, VGG11_BN, VGG11_LRN, VGG13, VGG13_BN, VGG16, VGG16_BN,
+                               VGG16_C, VGG16_SSD, VGG19, VGG19_BN, create, imagenet_categories,
+                               list_models, metadata)
+from vgg_flax.weights import WeightMismatchError, from_torch, identify, to_torch
+
+__all__ = [
+    "CFGS", "VARIANTS", "VGG", "VGG11", "VGG11_BN", "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16",
+    "VGG16_BN", "VGG16_C", "VGG16_SSD", "VGG19", "VGG19_BN", "WeightMismatchError", "create",
+    "from_torch", "identify", "imagenet_categories", "list_models", "metadata", "to_torch",
+]

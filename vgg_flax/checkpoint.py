@@ -1,0 +1,95 @@
+"""save/load: variables plus everything needed to rebuild the module, on orbax-checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vgg_flax import registry
+from vgg_flax.model import VGG
+
+FORMAT = "vgg_flax/1"
+_JSON_FIELDS = ("num_classes", "include_top", "dropout_rate", "hidden_size", "width",
+                "pool_size", "l2norm", "bn_momentum", "bn_epsilon", "cfg", "batch_norm", "head",
+                "lrn_size", "lrn_alpha", "lrn_beta", "lrn_k")
+
+
+def module_overrides(module: VGG, name: str) -> dict[str, Any]:
+    """The fields where ``module`` differs from ``create(name)``, in JSON-able form."""
+    base = registry.create(name)
+    out: dict[str, Any] = {}
+    for f in _JSON_FIELDS + ("dtype", "param_dtype"):
+        value = getattr(module, f)
+        if value != getattr(base, f):
+            out[f] = jnp.dtype(value).name if f in ("dtype", "param_dtype") else value
+    return json.loads(json.dumps(out))
+
+
+def _from_json(overrides: dict[str, Any]) -> dict[str, Any]:
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+    return {k: (jnp.dtype(v) if k in ("dtype", "param_dtype") else tup(v))
+            for k, v in overrides.items()}
+
+
+def save(path: str | os.PathLike, variables: Any, name: str, *, module: VGG | None = None,
+         extra: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """Write ``variables`` of VGG ``name`` (built as ``module`` if given) to directory ``path``.
+
+    The directory holds an orbax checkpoint of the variables and ``vgg_flax.json`` with the
+    name, the module's non-default fields and the name's metadata, so ``load(path)`` needs
+    nothing else. Written to a temporary sibling and renamed, so a crash leaves no half checkpoint.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to overwrite it")
+    module = module or registry.create(name)
+    meta = registry.metadata(name)
+    meta.pop("categories", None)  # shipped with the package; no need to copy 1000 names
+    info = {"format": FORMAT, "name": name, "overrides": module_overrides(module, name),
+            "metadata": meta, **(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        arrays = jax.tree.map(np.asarray, dict(variables))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "variables", arrays)
+        (tmp / "vgg_flax.json").write_text(json.dumps(info, indent=1, default=str))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``vgg_flax.json`` of a checkpoint directory."""
+    f = Path(path) / "vgg_flax.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} is not a vgg_flax checkpoint (no vgg_flax.json); "
+                                "write one with vgg_flax.save or convert/torch_to_flax.py")
+    return json.loads(f.read_text())
+
+
+def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
+    """(module, variables) from a directory written by ``save``. ``overrides`` change fields
+    that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
+    path = Path(path).absolute()
+    info = read_info(path)
+    module = registry.create(info["name"], **{**_from_json(info["overrides"]), **overrides})
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path / "variables")
+        tree = getattr(meta, "item_metadata", meta)
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree.tree if hasattr(tree, "tree") else tree))
+        variables = ckptr.restore(path / "variables", target)
+    return module, variables

@@ -1,0 +1,294 @@
+"""The Flax Linen VGG: one module, driven by a cfg (see ``arch``), NHWC throughout.
+
+Numerically the same function as torchvision's ``VGG`` (and SSD's VGG backbone), with weights in
+the layout ``vgg_flax.from_torch`` produces: fc6's rows are in (H, W, C) order, so flattening an
+NHWC map needs no transpose at run time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from vgg_flax import arch
+
+Array = jax.Array
+
+# torchvision's VGG._initialize_weights: kaiming normal (fan_out, ReLU gain) for convolutions,
+# N(0, 0.01) for linear layers, zeros for biases. SSD's conv6/conv7 are Xavier-uniform.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+ssd_conv_init = nn.initializers.xavier_uniform()
+fc_init = nn.initializers.normal(stddev=0.01)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d with torch's semantics.
+
+    torch's momentum 0.1 is the weight of the *new* batch statistic, and torch tracks the
+    *unbiased* batch variance in ``running_var`` while normalising with the biased one; Flax's
+    ``nn.BatchNorm`` tracks the biased variance, so a converted model drifts from torch's in
+    training. Statistics are computed in float32 whatever the compute dtype. Under ``jax.jit``
+    with a batch sharded over devices the means are global, so no axis name is needed.
+    """
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if train:
+            xf = x.astype(jnp.float32)
+            mean = xf.mean(axis=(0, 1, 2))
+            var = jnp.square(xf - mean).mean(axis=(0, 1, 2))  # two-pass: no cancellation
+            if not self.is_initializing():
+                n = x.size // c
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        # Fold into one multiply-add per element.
+        mul = scale.astype(jnp.float32) * lax.rsqrt(var + self.epsilon)
+        add = bias.astype(jnp.float32) - mean * mul
+        return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+def local_response_norm(x: Array, size: int = 5, alpha: float = 5e-4, beta: float = 0.75,
+                        k: float = 2.0) -> Array:
+    """``torch.nn.LocalResponseNorm`` over the channel axis of an NHWC map.
+
+    torch divides ``alpha`` by ``size``; alpha=5e-4, size 5, beta 0.75, k 2 therefore give
+    Krizhevsky et al.'s b = a / (2 + 1e-4 * sum a^2)^0.75, the paper's A-LRN setting.
+    """
+    sq = jnp.square(x.astype(jnp.float32))
+    pad = ((0, 0), (0, 0), (0, 0), (size // 2, (size - 1) // 2))
+    ssum = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 1, size), (1, 1, 1, 1), pad)
+    return (x.astype(jnp.float32) / (k + (alpha / size) * ssum) ** beta).astype(x.dtype)
+
+
+def adaptive_avg_pool(x: Array, out_hw: Sequence[int]) -> Array:
+    """``torch.nn.AdaptiveAvgPool2d`` on NHWC: bin i spans [floor(i*n/o), ceil((i+1)*n/o)).
+
+    When n is not a multiple of o the bins are uneven and overlap; each is averaged on its own
+    slice, exactly as torch does, rather than approximated by a resize.
+    """
+    for axis, o in zip((1, 2), out_hw):
+        n = x.shape[axis]
+        if n == o:
+            continue
+        if n % o == 0:
+            shape = x.shape[:axis] + (o, n // o) + x.shape[axis + 1:]
+            x = x.reshape(shape).mean(axis=axis + 1)
+            continue
+        bins = [lax.slice_in_dim(x, (i * n) // o, -((-(i + 1) * n) // o), axis=axis)
+                .mean(axis=axis, keepdims=True) for i in range(o)]
+        x = jnp.concatenate(bins, axis=axis)
+    return x
+
+
+class L2Norm(nn.Module):
+    """SSD's L2Norm: per-position channel L2 normalisation times a learnable per-channel scale."""
+    init_scale: float = 20.0
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.constant(self.init_scale), (x.shape[-1],),
+                           self.param_dtype)
+        xf = x.astype(jnp.float32)
+        # F.normalize: x / max(||x||_2, 1e-12)
+        norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True)), 1e-12)
+        return (xf / norm * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class FC(nn.Module):
+    """A fully connected layer that can also run as a convolution over a feature map.
+
+    Parameters are ``kernel`` (in, out) and ``bias`` as in ``nn.Dense``. With ``window`` set and a
+    4-D input, the kernel is viewed as a (wh, ww, C, out) convolution (fc6 of dense evaluation,
+    paper section 3.2); a 4-D input without ``window`` is a 1x1 convolution (fc7, fc8).
+    """
+    features: int
+    window: tuple[int, int] | None = None
+    kernel_init: Any = fc_init
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        conv = self.window is not None and x.ndim == 4
+        in_features = math.prod(self.window) * x.shape[-1] if conv else x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if conv:
+            k = kernel.reshape(*self.window, x.shape[-1], self.features)
+            y = lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=self.precision)
+        else:
+            y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision)
+        return y + bias
+
+
+class VGG(nn.Module):
+    """VGG (Simonyan & Zisserman 2014) in NHWC.
+
+    ``__call__(x, train=False)`` takes a float (N, H, W, C) batch, any C. It returns logits
+    (N, num_classes) with the classifier, the last feature map without it (``include_top=False``:
+    pool5, or relu7 for the SSD head), or, when ``taps`` names layers, a dict of those activations,
+    stopping after the deepest one. With ``dense=True`` fc6-fc8 run as convolutions on any input
+    size and the class score map (tap ``fc8``) is averaged over space (paper section 3.2).
+
+    Use ``vgg_flax.create(name, ...)`` or the named classes (``VGG16`` ...) rather than a raw cfg.
+    """
+    cfg: Sequence[Any] = arch.CFGS["D"]
+    batch_norm: bool = False
+    head: str = "fc"
+    num_classes: int = 1000
+    include_top: bool = True
+    dropout_rate: float = 0.5
+    hidden_size: int = 4096
+    width: float = 1.0
+    pool_size: tuple[int, int] = (7, 7)
+    l2norm: bool = False
+    dense: bool = False
+    taps: tuple[str, ...] = ()
+    bn_momentum: float = 0.1
+    bn_epsilon: float = 1e-5
+    lrn_size: int = 5
+    lrn_alpha: float = 5e-4
+    lrn_beta: float = 0.75
+    lrn_k: float = 2.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    # -- the plan: a pure function of the fields, shared with the weight mapping --------------
+    def layers(self) -> list[arch.Layer]:
+        """Every layer of the forward pass in order (head included when ``include_top``)."""
+        if self.head not in ("fc", "ssd"):
+            raise ValueError(f"head must be 'fc' or 'ssd', got {self.head!r}")
+        plan = arch.features_layers(self.cfg, self.batch_norm, self.width)
+        if self.include_top:
+            plan += (arch.fc_head_layers(self.hidden_size, self.num_classes) if self.head == "fc"
+                     else arch.ssd_head_layers(self.hidden_size, self.width))
+        return plan
+
+    def tap_names(self) -> list[str]:
+        """Names ``taps`` may use, in forward order."""
+        names = []
+        for layer in self.layers():
+            if layer.kind != "dropout":
+                names.append(layer.name)
+            if layer.name == "relu4_3" and self.l2norm:
+                names.append("conv4_3_norm")
+        return names
+
+    def min_input_size(self) -> int:
+        """Smallest spatial size every pool (and dense fc6) can take."""
+        for s in range(1, 4096):
+            h, ok = s, True
+            for layer in self.layers():
+                if layer.kind == "pool" and layer.pool != "3x3s1":
+                    ok = ok and h >= 2
+                    h = h // 2 if layer.pool == "floor" else -(-(h - 2) // 2) + 1
+            if ok and (not (self.dense and self.include_top and self.head == "fc")
+                       or h >= max(self.pool_size)):
+                return s
+        raise ValueError("no input size fits this cfg")
+
+    def _check_input(self, x: Array) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"VGG expects an NHWC batch (N, H, W, C), got shape {x.shape}; "
+                             "add a batch axis with x[None] or move channels last")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"VGG expects float input, got {x.dtype}; "
+                             "normalise images first, e.g. with vgg_flax.preprocess")
+        m = self.min_input_size()
+        if x.shape[1] < m or x.shape[2] < m:
+            raise ValueError(f"input {x.shape[1]}x{x.shape[2]} is smaller than the {m}x{m} "
+                             "minimum of this VGG; resize the images up")
+
+    def _stop(self) -> int:
+        """Index in ``layers()`` of the last layer to compute."""
+        plan = self.layers()
+        if not self.taps or self.is_initializing():
+            return len(plan) - 1  # init always creates every parameter
+        valid = self.tap_names()
+        unknown = [t for t in self.taps if t not in valid]
+        if unknown:
+            raise ValueError(f"unknown tap(s) {unknown}; this VGG has: {', '.join(valid)}")
+        index = {layer.name: i for i, layer in enumerate(plan)}
+        index["conv4_3_norm"] = index.get("relu4_3", 0)
+        return max(index[t] for t in self.taps)
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False):
+        self._check_input(x)
+        plan, stop = self.layers(), self._stop()
+        want = set(self.taps)
+        out: dict[str, Array] = {}
+        x = x.astype(self.dtype)
+        for layer in plan[: stop + 1]:
+            x = self._apply_layer(layer, x, train)
+            if layer.name in want:
+                out[layer.name] = x
+            if layer.name == "relu4_3" and self.l2norm and (
+                    "conv4_3_norm" in want or self.is_initializing()):
+                out["conv4_3_norm"] = L2Norm(param_dtype=self.param_dtype, name="conv4_3_norm")(x)
+        if self.taps:
+            return {t: out[t] for t in self.taps}
+        if self.dense and self.include_top and self.head == "fc":
+            return x.mean(axis=(1, 2))  # average the class score map (paper section 3.2)
+        return x
+
+    def _apply_layer(self, layer: arch.Layer, x: Array, train: bool) -> Array:
+        kind = layer.kind
+        if kind == "conv":
+            init = ssd_conv_init if layer.name in ("conv6", "conv7") else conv_init
+            p, d = layer.padding, layer.dilation
+            return nn.Conv(layer.features, (layer.kernel, layer.kernel), padding=((p, p), (p, p)),
+                           kernel_dilation=(d, d), kernel_init=init, dtype=self.dtype,
+                           param_dtype=self.param_dtype, precision=self.precision,
+                           name=layer.name)(x)
+        if kind == "bn":
+            return BatchNorm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=layer.name)(x, train)
+        if kind == "relu":
+            return nn.relu(x)
+        if kind == "lrn":
+            return local_response_norm(x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)
+        if kind == "pool":
+            if layer.pool == "3x3s1":
+                return nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+            if layer.pool == "ceil":
+                return nn.max_pool(x, (2, 2), (2, 2),
+                                   padding=((0, x.shape[1] % 2), (0, x.shape[2] % 2)))
+            return nn.max_pool(x, (2, 2), (2, 2))
+        if kind == "dropout":
+            return nn.Dropout(self.dropout_rate, deterministic=not train, name=layer.name)(x)
+        if kind == "fc":
+            window = None
+            if layer.name == "fc6":
+                if self.dense:
+                    window = tuple(self.pool_size)
+                else:
+                    x = adaptive_avg_pool(x, self.pool_size)
+                    x = x.reshape(x.shape[0], -1)  # (H, W, C) order: see from_torch
+            return FC(layer.features, window=window, dtype=self.dtype,
+                      param_dtype=self.param_dtype, precision=self.precision, name=layer.name)(x)
+        raise ValueError(f"unknown layer kind {kind!r}")

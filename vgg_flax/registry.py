@@ -1,0 +1,118 @@
+"""Names -> modules and metadata. Variants themselves are data in ``arch.VARIANTS``."""
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+from vgg_flax import arch
+from vgg_flax.model import VGG
+
+_IMAGENET = dict(resize_size=256, crop_size=224, interpolation="bilinear", antialias=True,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# ssd.pytorch's VGG was trained on 0..255 pixels minus the Caffe mean (torchvision's
+# VGG16_Weights.IMAGENET1K_FEATURES transforms).
+_SSD = dict(_IMAGENET, mean=(0.48235, 0.45882, 0.40784), std=(1 / 255, 1 / 255, 1 / 255))
+
+# torchvision 0.29's Weights.meta for IMAGENET1K_V1 (acc on ImageNet-1K val at 224, "_ops" is
+# torchvision's GFLOPS figure, which counts one multiply-add as one op). A test checks these
+# against torchvision itself; the other rows are computed from our own modules.
+_TORCHVISION = {
+    "vgg11": (132863336, 7.609, 69.020, 88.628, 506.84, "vgg11-8a719046.pth"),
+    "vgg11_bn": (132868840, 7.609, 70.370, 89.810, 506.881, "vgg11_bn-6002323d.pth"),
+    "vgg13": (133047848, 11.308, 69.928, 89.246, 507.545, "vgg13-19584684.pth"),
+    "vgg13_bn": (133053736, 11.308, 71.586, 90.374, 507.59, "vgg13_bn-abd245e5.pth"),
+    "vgg16": (138357544, 15.470, 71.592, 90.382, 527.796, "vgg16-397923af.pth"),
+    "vgg16_bn": (138365992, 15.470, 73.360, 91.516, 527.866, "vgg16_bn-6c64b313.pth"),
+    "vgg19": (143667240, 19.632, 72.376, 90.876, 548.051, "vgg19-dcbb9e9d.pth"),
+    "vgg19_bn": (143678248, 19.632, 74.218, 91.842, 548.143, "vgg19_bn-c79401a0.pth"),
+}
+# Computed from our modules at 224x224 (tests/test_model.py keeps them honest).
+_OURS = {
+    "vgg11_lrn": (132863336, 7.609),
+    "vgg16_c": (133647400, 11.759),
+    "vgg16_ssd": (20500672, 31.437),
+}
+
+
+def list_models() -> list[str]:
+    """Every name ``create`` accepts."""
+    return list(arch.VARIANTS)
+
+
+def _variant(name: str) -> arch.Variant:
+    if name not in arch.VARIANTS:
+        raise ValueError(f"unknown VGG {name!r}; choose one of: {', '.join(arch.VARIANTS)}")
+    return arch.VARIANTS[name]
+
+
+def create(name: str, **overrides: Any) -> VGG:
+    """The Linen module for ``name`` (see ``list_models``), with any ``VGG`` field overridden.
+
+    >>> create("vgg16", taps=("relu1_2", "relu4_3"))
+    >>> create("vgg11", num_classes=10, width=0.25, hidden_size=256, pool_size=(1, 1))
+    """
+    fields = _variant(name).module_fields()
+    unknown = set(overrides) - set(VGG.__dataclass_fields__) - {"parent", "name"}
+    if unknown:
+        raise TypeError(f"unknown VGG field(s) {sorted(unknown)}; fields are "
+                        f"{', '.join(f for f in VGG.__dataclass_fields__ if f not in ('parent', 'name'))}")
+    fields.update(overrides)
+    return VGG(**fields)
+
+
+@functools.cache
+def imagenet_categories() -> tuple[str, ...]:
+    """The 1000 ImageNet-1K class names in torchvision's order (shipped with the package)."""
+    text = resources.files("vgg_flax").joinpath("data/imagenet_categories.json").read_text()
+    return tuple(json.loads(text))
+
+
+def metadata(name: str) -> dict[str, Any]:
+    """What a name is: its paper config, size, cost, reference accuracy and preprocessing.
+
+    ``gflops`` counts a multiply-add as one, as torchvision's meta does, at 224x224.
+    """
+    v = _variant(name)
+    meta: dict[str, Any] = {
+        "name": name, "paper_config": v.cfg, "batch_norm": v.batch_norm, "head": v.head,
+        "torchvision_builder": v.torchvision, "input_size": (224, 224, 3),
+    }
+    if name in _TORCHVISION:
+        n, gflops, top1, top5, mb, file = _TORCHVISION[name]
+        meta.update(num_params=n, gflops=gflops, acc1=top1, acc5=top5, file_size_mb=mb,
+                    weights="IMAGENET1K_V1", weights_url=f"https://download.pytorch.org/models/{file}",
+                    categories=imagenet_categories(), num_classes=1000, preprocessing=dict(_IMAGENET))
+    else:
+        n, gflops = _OURS[name]
+        meta.update(num_params=n, gflops=gflops, acc1=None, acc5=None, categories=None,
+                    num_classes=1000 if v.head == "fc" else None,
+                    weights=None, preprocessing=dict(_IMAGENET))
+    if name == "vgg16_ssd":
+        meta.update(weights="VGG16_Weights.IMAGENET1K_FEATURES", preprocessing=dict(_SSD),
+                    input_size=(300, 300, 3),
+                    weights_url="https://download.pytorch.org/models/vgg16_features-amdegroot-88682ab5.pth")
+    return meta
+
+
+def _named(name: str, doc: str) -> type[VGG]:
+    """A ``VGG`` subclass whose field defaults are variant ``name`` (so ``VGG16(num_classes=10)``)."""
+    fields = _variant(name).module_fields()
+    annotations = {k: VGG.__annotations__[k] for k in fields}
+    cls = type(name.upper(), (VGG,), {"__annotations__": annotations, **fields,
+                                      "__doc__": doc, "__module__": "vgg_flax"})
+    return cls
+
+
+VGG11 = _named("vgg11", "VGG-11, the paper's configuration A (torchvision ``vgg11``).")
+VGG11_BN = _named("vgg11_bn", "VGG-11 with BatchNorm (torchvision ``vgg11_bn``).")
+VGG13 = _named("vgg13", "VGG-13, configuration B (torchvision ``vgg13``).")
+VGG13_BN = _named("vgg13_bn", "VGG-13 with BatchNorm (torchvision ``vgg13_bn``).")
+VGG16 = _named("vgg16", "VGG-16, configuration D (torchvision ``vgg16``).")
+VGG16_BN = _named("vgg16_bn", "VGG-16 with BatchNorm (torchvision ``vgg16_bn``).")
+VGG19 = _named("vgg19", "VGG-19, configuration E (torchvision ``vgg19``).")
+VGG19_BN = _named("vgg19_bn", "VGG-19 with BatchNorm (torchvision ``vgg19_bn``).")
+VGG11_LRN = _named("vgg11_lrn", "VGG-11 with LRN after relu1_1, the paper's A-LRN.")
+VGG16_C = _named("vgg16_c", "VGG-16 with 1x1 convolutions, the paper's configuration C.")
+VGG16_SSD = _named("vgg16_ssd", "SSD300's atrous VGG-16 backbone (conv4_3 L2Norm, conv6, conv7).")

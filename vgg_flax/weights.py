@@ -1,0 +1,247 @@
+"""torch <-> Flax weight mapping as pure functions, by explicit name tables.
+
+The only place (with ``convert/``) that knows NCHW/OIHW. Convolutions OIHW <-> HWIO, linear
+layers (out, in) <-> (in, out), and fc6's columns permuted once from torch's (C, H, W) flatten
+order to NHWC's (H, W, C), so the Flax model flattens pool5 without a transpose.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_flax import arch, registry
+from vgg_flax.model import VGG
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    torch_key: str
+    collection: str            # "params" or "batch_stats"
+    path: tuple[str, str]      # (layer name, leaf name) in that collection
+    kind: str                  # "conv", "linear", "fc6" or "vector"
+
+
+def _module(name_or_module: str | VGG, overrides: dict[str, Any]) -> VGG:
+    if isinstance(name_or_module, VGG):
+        return name_or_module.clone(**overrides) if overrides else name_or_module
+    return registry.create(name_or_module, **overrides)
+
+
+def _layer_entries(layer: arch.Layer, prefix: str) -> list[Entry]:
+    if layer.kind == "conv":
+        return [Entry(f"{prefix}.weight", "params", (layer.name, "kernel"), "conv"),
+                Entry(f"{prefix}.bias", "params", (layer.name, "bias"), "vector")]
+    if layer.kind == "bn":
+        return [Entry(f"{prefix}.weight", "params", (layer.name, "scale"), "vector"),
+                Entry(f"{prefix}.bias", "params", (layer.name, "bias"), "vector"),
+                Entry(f"{prefix}.running_mean", "batch_stats", (layer.name, "mean"), "vector"),
+                Entry(f"{prefix}.running_var", "batch_stats", (layer.name, "var"), "vector")]
+    if layer.kind == "fc":
+        return [Entry(f"{prefix}.weight", "params", (layer.name, "kernel"),
+                      "fc6" if layer.name == "fc6" else "linear"),
+                Entry(f"{prefix}.bias", "params", (layer.name, "bias"), "vector")]
+    return []
+
+
+def torch_entries(module: VGG) -> list[Entry]:
+    """The name table for ``module``, in torch's state_dict order.
+
+    Classifiers use torchvision's ``VGG`` keys (``features.N``, ``classifier.N``); the SSD head
+    uses torchvision's ``SSDFeatureExtractorVGG`` keys (``scale_weight``, ``features.N`` up to
+    relu4_3, ``extra.0.N`` from pool4 on, ``extra.0.K.N`` for the atrous tail).
+    """
+    feats = arch.features_layers(module.cfg, module.batch_norm, module.width)
+    entries: list[Entry] = []
+    if module.head == "ssd":
+        if module.l2norm:
+            entries.append(Entry("scale_weight", "params", ("conv4_3_norm", "scale"), "vector"))
+        pool4 = next(layer.torch_index for layer in feats if layer.name == "pool4")
+        for layer in feats:
+            i = layer.torch_index
+            entries += _layer_entries(layer, f"features.{i}" if i < pool4 else f"extra.0.{i - pool4}")
+        if module.include_top:
+            tail = feats[-1].torch_index - pool4 + 1
+            for layer in arch.ssd_head_layers(module.hidden_size, module.width):
+                entries += _layer_entries(layer, f"extra.0.{tail}.{layer.torch_index}")
+        return entries
+    for layer in feats:
+        entries += _layer_entries(layer, f"features.{layer.torch_index}")
+    if module.include_top:
+        for layer in arch.fc_head_layers(module.hidden_size, module.num_classes):
+            entries += _layer_entries(layer, f"classifier.{layer.torch_index}")
+    return entries
+
+
+def abstract_variables(module: VGG, in_channels: int = 3) -> dict[str, Any]:
+    """Shapes and dtypes of ``module.init``'s variables, without computing anything."""
+    s = module.min_input_size()
+    x = jax.ShapeDtypeStruct((1, s, s, in_channels), jnp.float32)
+    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor; bf16 has no numpy dtype of its own
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            return t.float().numpy().astype(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def _torch_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if entry.kind == "conv":
+        kh, kw, i, o = flax_shape
+        return (o, i, kh, kw)
+    if entry.kind in ("linear", "fc6"):
+        return flax_shape[::-1]
+    return flax_shape
+
+
+def _t2f(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
+    if entry.kind == "conv":
+        return w.transpose(2, 3, 1, 0)
+    if entry.kind == "linear":
+        return w.T
+    if entry.kind == "fc6":
+        ph, pw = module.pool_size
+        out = w.shape[0]
+        return w.reshape(out, -1, ph, pw).transpose(2, 3, 1, 0).reshape(-1, out)
+    return w
+
+
+def _f2t(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
+    if entry.kind == "conv":
+        return w.transpose(3, 2, 0, 1)
+    if entry.kind == "linear":
+        return w.T
+    if entry.kind == "fc6":
+        ph, pw = module.pool_size
+        out = w.shape[1]
+        return w.reshape(ph, pw, -1, out).transpose(3, 2, 0, 1).reshape(out, -1)
+    return w
+
+
+class WeightMismatchError(ValueError):
+    """Weights do not fit the VGG they were given for; the message lists every problem."""
+
+
+def identify(state_dict: Mapping[str, Any]) -> str | None:
+    """The variant whose torch key layout ``state_dict`` has (any num_classes), or None."""
+    keys = {k for k in state_dict if not k.endswith("num_batches_tracked")}
+    shapes = {k: tuple(_shape(state_dict[k])) for k in keys}
+    for name in registry.list_models():
+        module = registry.create(name)
+        expected = _expected_torch_shapes(module, _in_channels(state_dict, module))
+        if set(expected) != keys:
+            continue
+        if all(shapes[k] == s for k, s in expected.items() if not k.startswith("classifier.6")):
+            return name
+    return None
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _in_channels(state_dict: Mapping[str, Any], module: VGG) -> int:
+    first = torch_entries(module)[0 if module.head == "fc" or not module.l2norm else 1]
+    w = state_dict.get(first.torch_key)
+    return int(_shape(w)[1]) if w is not None and len(_shape(w)) == 4 else 3
+
+
+def _expected_torch_shapes(module: VGG, in_channels: int) -> dict[str, tuple[int, ...]]:
+    abstract = abstract_variables(module, in_channels)
+    out = {}
+    for e in torch_entries(module):
+        layer, leaf = e.path
+        out[e.torch_key] = _torch_shape(e, tuple(abstract[e.collection][layer][leaf].shape))
+    return out
+
+
+def from_torch(state_dict: Mapping[str, Any], name: str | VGG, *, dtype: Any = None,
+               **overrides: Any) -> dict[str, Any]:
+    """torch state_dict (tensors or numpy arrays) -> Flax variables for VGG ``name``.
+
+    ``overrides`` are VGG fields that change shapes (``num_classes=10``, ``width=0.25``...).
+    Strict: every missing, unexpected and wrongly shaped key is reported in one
+    ``WeightMismatchError``, with the variant the weights look like when it is another one.
+    Arrays keep their dtype unless ``dtype`` is given. ``num_batches_tracked`` is dropped.
+    """
+    module = _module(name, overrides)
+    label = name if isinstance(name, str) else "the given module"
+    expected = _expected_torch_shapes(module, _in_channels(state_dict, module))
+    given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k}: got {_shape(given[k])}, expected {s}" for k, s in expected.items()
+             if k in given and _shape(given[k]) != s]
+    if missing or unexpected or wrong:
+        raise WeightMismatchError(_mismatch_message(label, state_dict, module, missing,
+                                                    unexpected, wrong))
+    variables: dict[str, Any] = {}
+    for e in torch_entries(module):
+        w = _t2f(e, _to_numpy(given[e.torch_key]), module)
+        if dtype is not None:
+            w = w.astype(dtype)
+        variables.setdefault(e.collection, {}).setdefault(e.path[0], {})[e.path[1]] = \
+            np.ascontiguousarray(w)
+    return variables
+
+
+def _mismatch_message(label, state_dict, module, missing, unexpected, wrong) -> str:
+    def some(items, sep=", "):
+        return sep.join(items[:6]) + (" ..." if len(items) > 6 else "")
+
+    head = f"weights do not fit {label}"
+    guess = identify(state_dict)
+    if guess is not None and guess != label:
+        head += f" (they look like {guess} weights: convert them as {guess})"
+    elif not missing and not unexpected and all(w.startswith("classifier.6") for w in wrong):
+        classes = _shape(state_dict["classifier.6.weight"])[0]
+        head += f" (the head has {classes} classes: pass num_classes={classes})"
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} wrongly shaped: {some(wrong, '; ')}")
+    return head + ": " + "; ".join(parts)
+
+
+def to_torch(variables: Mapping[str, Any], name: str | VGG, *, as_numpy: bool = False,
+             **overrides: Any) -> "OrderedDict[str, Any]":
+    """Flax variables -> torch state_dict that torchvision's module loads with strict=True.
+
+    BatchNorm's ``num_batches_tracked`` (not kept in Flax) is restored as 0. Returns torch
+    tensors, or numpy arrays with ``as_numpy=True`` (no torch needed).
+    """
+    module = _module(name, overrides)
+    sd: OrderedDict[str, Any] = OrderedDict()
+    try:
+        for e in torch_entries(module):
+            w = np.asarray(variables[e.collection][e.path[0]][e.path[1]])
+            sd[e.torch_key] = np.ascontiguousarray(_f2t(e, w, module))
+            if e.torch_key.endswith("running_var"):
+                sd[e.torch_key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+    except KeyError as err:
+        raise WeightMismatchError(f"variables lack {err} needed by {name}: were they made for "
+                                  "another VGG variant or with other overrides?") from None
+    if as_numpy:
+        return sd
+    import torch
+    out = OrderedDict()
+    for k, v in sd.items():
+        if v.dtype.name == "bfloat16":
+            out[k] = torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
+        else:
+            out[k] = torch.from_numpy(v)
+    return out
