@@ -28,11 +28,12 @@ _TORCHVISION = {
     "vgg19": (143667240, 19.632, 72.376, 90.876, 548.051, "vgg19-dcbb9e9d.pth"),
     "vgg19_bn": (143678248, 19.632, 74.218, 91.842, 548.143, "vgg19_bn-c79401a0.pth"),
 }
-# Computed from our modules at 224x224 (tests/test_model.py keeps them honest).
+# Computed from our modules with count_macs at the input size (224, SSD 300), counted as
+# torchvision counts; tests/test_model.py keeps them honest.
 _OURS = {
     "vgg11_lrn": (132863336, 7.609),
-    "vgg16_c": (133647400, 11.759),
-    "vgg16_ssd": (20500672, 31.437),
+    "vgg16_c": (133638952, 11.771),
+    "vgg16_ssd": (20484416, 29.898),
 }
 
 
@@ -72,7 +73,7 @@ def imagenet_categories() -> tuple[str, ...]:
 def metadata(name: str) -> dict[str, Any]:
     """What a name is: its paper config, size, cost, reference accuracy and preprocessing.
 
-    ``gflops`` counts a multiply-add as one, as torchvision's meta does, at 224x224.
+    ``gflops`` counts a multiply-add as one, as torchvision's meta does, at ``input_size``.
     """
     v = _variant(name)
     meta: dict[str, Any] = {

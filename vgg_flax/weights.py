@@ -10,12 +10,10 @@ import dataclasses
 from collections import OrderedDict
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax import arch, registry
-from vgg_flax.model import VGG
+from vgg_flax.model import VGG, abstract_variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +73,6 @@ def torch_entries(module: VGG) -> list[Entry]:
         for layer in arch.fc_head_layers(module.hidden_size, module.num_classes):
             entries += _layer_entries(layer, f"classifier.{layer.torch_index}")
     return entries
-
-
-def abstract_variables(module: VGG, in_channels: int = 3) -> dict[str, Any]:
-    """Shapes and dtypes of ``module.init``'s variables, without computing anything."""
-    s = module.min_input_size()
-    x = jax.ShapeDtypeStruct((1, s, s, in_channels), jnp.float32)
-    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -243,5 +234,5 @@ def to_torch(variables: Mapping[str, Any], name: str | VGG, *, as_numpy: bool = 
         if v.dtype.name == "bfloat16":
             out[k] = torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
         else:
-            out[k] = torch.from_numpy(v)
+            out[k] = torch.from_numpy(v if v.flags.writeable else v.copy())
     return out

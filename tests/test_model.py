@@ -1,0 +1,215 @@
+"""The model library's API: construction, errors, taps, initialisation, save/load, NNX."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import vgg_flax
+from torch_ref import TORCHVISION_NAMES, nhwc, torchvision_vgg
+
+SMALL = dict(width=0.25, hidden_size=64, pool_size=(1, 1), num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A VGG-11 at 1/4 width for 1-channel 32x32 images, and its variables."""
+    model = vgg_flax.create("vgg11_bn", **SMALL)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 1)), jnp.float32)
+    return model, model.init(jax.random.key(0), x), x
+
+
+def test_names_classes_and_metadata():
+    assert vgg_flax.list_models()[:8] == list(TORCHVISION_NAMES)
+    assert {"vgg11_lrn", "vgg16_c", "vgg16_ssd"} <= set(vgg_flax.list_models())
+    m = vgg_flax.VGG16(num_classes=10)
+    assert isinstance(m, vgg_flax.VGG) and m.num_classes == 10 and m.cfg == vgg_flax.CFGS["D"]
+    assert vgg_flax.VGG19_BN().batch_norm and not vgg_flax.VGG19().batch_norm
+    assert vgg_flax.imagenet_categories() == tuple(
+        torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
+    for name in TORCHVISION_NAMES:
+        w = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        meta = vgg_flax.metadata(name)
+        assert meta["num_params"] == w.meta["num_params"]
+        assert meta["acc1"] == w.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+        assert meta["acc5"] == w.meta["_metrics"]["ImageNet-1K"]["acc@5"]
+        assert meta["weights_url"] == w.url
+        t = w.transforms()
+        p = meta["preprocessing"]
+        assert (p["resize_size"], p["crop_size"]) == (t.resize_size[0], t.crop_size[0])
+        assert list(p["mean"]) == list(t.mean) and list(p["std"]) == list(t.std)
+    ssd = torchvision.models.VGG16_Weights.IMAGENET1K_FEATURES.transforms()
+    p = vgg_flax.metadata("vgg16_ssd")["preprocessing"]
+    np.testing.assert_allclose(p["mean"], ssd.mean)
+    np.testing.assert_allclose(p["std"], ssd.std)
+
+
+def test_computed_metadata_of_our_variants():
+    from vgg_flax.model import abstract_variables, count_macs
+    for name in ("vgg11_lrn", "vgg16_c", "vgg16_ssd"):
+        meta, model = vgg_flax.metadata(name), vgg_flax.create(name)
+        n = sum(a.size for a in jax.tree.leaves(abstract_variables(model)["params"]))
+        assert meta["num_params"] == n
+        h, w, c = meta["input_size"]
+        assert meta["gflops"] == pytest.approx(count_macs(model, (1, h, w, c)) / 1e9, abs=1e-3)
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown VGG 'vgg17'.*vgg16_bn.*vgg16_ssd"):
+        vgg_flax.create("vgg17")
+    with pytest.raises(TypeError, match="unknown VGG field.*num_class"):
+        vgg_flax.create("vgg16", num_class=10)
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((32, 32, 3), "NHWC batch"),
+    ((1, 31, 64, 3), "smaller than the 32x32 minimum"),
+    ((1, 64, 16, 3), "smaller than the 32x32 minimum"),
+])
+def test_bad_input_fails_at_trace_time(shape, match):
+    model = vgg_flax.create("vgg16")
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def test_integer_input_is_refused(small):
+    model, variables, _ = small
+    with pytest.raises(ValueError, match="float input.*preprocess"):
+        model.apply(variables, jnp.zeros((1, 32, 32, 1), jnp.uint8))
+
+
+def test_small_variant_trains_and_infers(small):
+    model, variables, x = small
+    assert variables["params"]["conv1_1"]["kernel"].shape == (3, 3, 1, 16)
+    assert variables["params"]["fc6"]["kernel"].shape == (128, 64)
+    logits = model.apply(variables, x)
+    assert logits.shape == (4, 10)
+    out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.key(1)})
+    assert out.shape == (4, 10)
+    assert not np.allclose(updates["batch_stats"]["bn1_1"]["mean"], 0)
+    # dropout is active in training and not in evaluation
+    out2, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(out, out2)
+    np.testing.assert_array_equal(logits, model.apply(variables, x))
+
+
+def test_taps_stop_at_the_deepest_tap(small):
+    model, variables, x = small
+    shallow = {"params": {k: variables["params"][k] for k in ("conv1_1", "bn1_1")},
+               "batch_stats": {"bn1_1": variables["batch_stats"]["bn1_1"]}}
+    # Only conv1_1/bn1_1 exist: any deeper layer would fail to find its parameters.
+    out = model.clone(taps=("relu1_1", "conv1_1")).apply(shallow, x)
+    assert list(out) == ["relu1_1", "conv1_1"]
+    np.testing.assert_array_equal(out["relu1_1"], jnp.maximum(
+        model.clone(taps=("bn1_1",)).apply(shallow, x)["bn1_1"], 0))
+    jaxpr = str(jax.make_jaxpr(lambda v, x: model.clone(taps=("pool2",)).apply(v, x))(variables, x))
+    assert jaxpr.count("conv_general_dilated") == 2 and "dot_general" not in jaxpr
+    with pytest.raises(ValueError, match="unknown tap.*relu1_3.*relu1_1"):
+        model.clone(taps=("relu1_3",)).apply(variables, x)
+
+
+def test_include_top_false_returns_pool5(small):
+    model, variables, x = small
+    feats = model.clone(include_top=False).apply(variables, x)
+    np.testing.assert_array_equal(feats, model.clone(taps=("pool5",)).apply(variables, x)["pool5"])
+
+
+def test_init_distribution_follows_torchvision():
+    """Same initialisation law as torchvision: compare per-layer std and mean with its own init."""
+    model = vgg_flax.create("vgg11_bn")
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    ref = vgg_flax.from_torch(torchvision.models.vgg11_bn(weights=None).state_dict(), "vgg11_bn")
+    for layer, leaves in ref["params"].items():
+        for leaf, r in leaves.items():
+            ours = np.asarray(variables["params"][layer][leaf])
+            assert ours.shape == r.shape
+            assert ours.std() == pytest.approx(r.std(), rel=0.05, abs=1e-6), (layer, leaf)
+            # both centred where torchvision's law is: within 5 standard errors of its mean
+            assert abs(ours.mean() - r.mean()) <= 5 * float(r.std()) / np.sqrt(r.size) + 1e-6
+    ssd = jax.eval_shape(vgg_flax.create("vgg16_ssd").init, jax.random.key(0),
+                         jnp.zeros((1, 300, 300, 3)))
+    assert ssd["params"]["conv4_3_norm"]["scale"].shape == (512,)
+
+
+def test_ssd_l2norm_init_is_20():
+    model = vgg_flax.create("vgg16_ssd", width=0.125, hidden_size=64)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    np.testing.assert_array_equal(v["params"]["conv4_3_norm"]["scale"], 20.0)
+
+
+def test_bf16_compute_keeps_fp32_params(small):
+    model, variables, x = small
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    out = bf16.apply(variables, x)
+    assert out.dtype == jnp.bfloat16
+    v = bf16.init(jax.random.key(0), x)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
+    ref = model.apply(variables, x)
+    assert np.abs(np.asarray(out, np.float32) - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_adaptive_pool_matches_torch_on_uneven_bins():
+    from vgg_flax.model import adaptive_avg_pool
+    x = torch.randn(2, 5, 13, 10)
+    for out in [(7, 7), (3, 5), (13, 10), (1, 1)]:
+        ref = nhwc(torch.nn.functional.adaptive_avg_pool2d(x, out))
+        np.testing.assert_allclose(adaptive_avg_pool(jnp.asarray(nhwc(x)), out), ref,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_weight_mismatch_names_the_real_variant():
+    sd19 = torchvision_vgg("vgg19").state_dict()
+    with pytest.raises(vgg_flax.WeightMismatchError,
+                       match=r"look like vgg19 weights.*6 missing.*12 unexpected.*1 wrongly shaped"):
+        vgg_flax.from_torch(sd19, "vgg16")
+    sd_bn = torchvision_vgg("vgg11_bn").state_dict()
+    with pytest.raises(vgg_flax.WeightMismatchError, match="look like vgg11_bn") as err:
+        vgg_flax.from_torch(sd_bn, "vgg11")
+    msg = str(err.value)
+    assert "missing" in msg and "unexpected" in msg and "wrongly shaped" in msg and "\n" not in msg
+    assert vgg_flax.identify(sd_bn) == "vgg11_bn"
+
+
+def test_ten_class_head_says_how():
+    torch.manual_seed(0)
+    tm = torchvision.models.vgg11(num_classes=10)
+    with pytest.raises(vgg_flax.WeightMismatchError, match="10 classes: pass num_classes=10"):
+        vgg_flax.from_torch(tm.state_dict(), "vgg11")
+    v = vgg_flax.from_torch(tm.state_dict(), "vgg11", num_classes=10)
+    assert v["params"]["fc8"]["kernel"].shape == (4096, 10)
+
+
+def test_from_torch_keeps_or_casts_dtype():
+    import ml_dtypes
+    sd = {k: v.to(torch.bfloat16) for k, v in torchvision_vgg("vgg11").state_dict().items()}
+    v = vgg_flax.from_torch(sd, "vgg11")
+    assert v["params"]["conv1_1"]["kernel"].dtype == ml_dtypes.bfloat16
+    assert vgg_flax.from_torch(sd, "vgg11", dtype=np.float32)["params"]["fc8"]["bias"].dtype == np.float32
+    back = vgg_flax.to_torch(v, "vgg11")
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_save_load_roundtrip(small, tmp_path):
+    model, variables, x = small
+    path = vgg_flax.save(tmp_path / "ckpt", variables, "vgg11_bn", module=model)
+    with pytest.raises(FileExistsError, match="--force"):
+        vgg_flax.save(tmp_path / "ckpt", variables, "vgg11_bn", module=model)
+    loaded, v2 = vgg_flax.load(path)
+    assert loaded == model
+    jax.tree.map(np.testing.assert_array_equal, variables, v2)
+    dense = vgg_flax.load(path, taps=("relu1_1",))[0]
+    assert dense.taps == ("relu1_1",)
+    assert not list(tmp_path.glob(".ckpt.tmp-*")), "temporary directory left behind"
+    with pytest.raises(FileNotFoundError, match="not a vgg_flax checkpoint"):
+        vgg_flax.load(tmp_path)
+
+
+def test_nnx_module_has_the_same_function(small):
+    from flax import nnx
+    model, variables, x = small
+    m = vgg_flax.to_nnx(model, variables)
+    assert isinstance(m, nnx.Module)
+    np.testing.assert_array_equal(m(x), model.apply(variables, x))

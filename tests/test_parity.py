@@ -1,0 +1,185 @@
+"""vgg_flax against torchvision itself: every variant, seeded random weights.
+
+Tolerance: max |flax - torch| <= 1e-4 * max |torch| over the logits (fp32, matmul precision
+pinned to "highest"). Conversions must round-trip bit for bit.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import vgg_flax
+from torch_ref import (TORCHVISION_NAMES, nhwc, paper_vgg, ssd_backbone, ssd_backbone_state_dict,
+                       torchvision_vgg)
+
+RTOL = 1e-4
+SIZES = [(224, 224), (256, 256), (224, 320)]  # 256: overlapping 8->7 bins; 320: uneven 10->7
+
+
+def assert_close(out, ref, what):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err <= RTOL, f"{what}: relative error {err:.2e} > {RTOL}"
+
+
+def assert_bit_exact(sd, back):
+    assert list(back) == [k for k in sd], "to_torch keys differ from torch's state_dict"
+    for k, v in sd.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
+def test_torchvision_parity(name):
+    tm = torchvision_vgg(name)
+    sd = tm.state_dict()
+    variables = vgg_flax.from_torch(sd, name)
+    assert_bit_exact(sd, vgg_flax.to_torch(variables, name))
+    n_params = sum(v.size for v in jax.tree.leaves(variables["params"]))
+    assert n_params == sum(p.numel() for p in tm.parameters()) == vgg_flax.metadata(name)["num_params"]
+
+    model = vgg_flax.create(name)
+    apply = jax.jit(model.apply)
+    g = torch.Generator().manual_seed(1)
+    with jax.default_matmul_precision("highest"):
+        for h, w in SIZES:
+            x = torch.randn(2, 3, h, w, generator=g)
+            with torch.no_grad():
+                ref = tm(x).numpy()
+            assert_close(apply(variables, nhwc(x)), ref, f"{name} {h}x{w}")
+
+        if "_bn" in name:
+            # One training-mode forward: batch statistics and torch's running-stat update
+            # (momentum 0.1, unbiased variance) must match.
+            x = torch.randn(4, 3, 64, 64, generator=g)
+            saved = {k: v.clone() for k, v in sd.items()}
+            try:
+                tm.features.train()
+                with torch.no_grad():
+                    feats_ref = tm.features(x)
+                running = {k: v.clone() for k, v in tm.state_dict().items()}
+            finally:
+                tm.load_state_dict(saved)
+                tm.eval()
+            feats, updates = model.clone(taps=("pool5",)).apply(
+                variables, nhwc(x), train=True, mutable=["batch_stats"])
+            assert_close(feats["pool5"], nhwc(feats_ref), f"{name} train-mode features")
+            stats = vgg_flax.to_torch({**variables, **updates}, name)
+            moved = 0
+            for k in running:
+                if "running" in k:
+                    np.testing.assert_allclose(stats[k].numpy(), running[k].numpy(),
+                                               rtol=1e-5, atol=1e-6, err_msg=k)
+                    moved += not torch.equal(running[k], saved[k])
+            assert moved > 0, "the training forward did not update the running statistics"
+
+
+def test_taps_equal_torchvision_intermediates():
+    name = "vgg16_bn"
+    tm = torchvision_vgg(name)
+    variables = vgg_flax.from_torch(tm.state_dict(), name)
+    model = vgg_flax.create(name)
+    names = model.tap_names()
+    # torchvision's Sequential indices, in the same order as our layer names
+    feature_names = [layer.name for layer in model.layers()[: len(tm.features)]]
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    ref = {}
+    with torch.no_grad():
+        h = x
+        for layer_name, layer in zip(feature_names, tm.features):
+            h = layer(h)
+            ref[layer_name] = nhwc(h)
+        h = torch.flatten(tm.avgpool(h), 1)
+        for layer_name, layer in zip(["fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8"],
+                                     tm.classifier):
+            h = layer(h)
+            ref[layer_name] = h.numpy().copy()
+    assert "drop6" not in names and set(names) <= set(ref)
+    with jax.default_matmul_precision("highest"):
+        out = model.clone(taps=tuple(names)).apply(variables, nhwc(x))
+    assert list(out) == names
+    for n in names:
+        assert_close(out[n], ref[n], f"tap {n}")
+    # logits without taps are the last tap
+    with jax.default_matmul_precision("highest"):
+        assert_close(model.apply(variables, nhwc(x)), ref["fc8"], "logits")
+
+
+@pytest.mark.parametrize("name,cfg", [("vgg11_lrn", "A-LRN"), ("vgg16_c", "C")])
+def test_paper_variants(name, cfg):
+    tm = paper_vgg(cfg)
+    sd = tm.state_dict()
+    variables = vgg_flax.from_torch(sd, name)
+    assert_bit_exact(sd, vgg_flax.to_torch(variables, name))
+    assert sum(p.numel() for p in tm.parameters()) == vgg_flax.metadata(name)["num_params"]
+    x = torch.randn(2, 3, 224, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    with jax.default_matmul_precision("highest"):
+        assert_close(vgg_flax.create(name).apply(variables, nhwc(x)), ref, name)
+
+
+def test_lrn_is_krizhevskys_formula():
+    """torch's LocalResponseNorm with our parameters is b = a / (2 + 1e-4 sum_{5} a^2)^0.75."""
+    from vgg_flax.model import local_response_norm
+    a = np.random.default_rng(0).normal(size=(1, 4, 4, 9)).astype(np.float32) * 30
+    padded = np.pad(a.astype(np.float64) ** 2, ((0, 0), (0, 0), (0, 0), (2, 2)))
+    window = sum(padded[..., i:i + 9] for i in range(5))
+    expected = a / (2 + 1e-4 * window) ** 0.75
+    torch_lrn = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    np.testing.assert_allclose(nhwc(torch_lrn(torch.from_numpy(a).permute(0, 3, 1, 2))),
+                               expected, rtol=1e-5)
+    np.testing.assert_allclose(local_response_norm(jnp.asarray(a)), expected, rtol=1e-5)
+
+
+def test_ssd_backbone_against_torchvision_ssd():
+    tm = ssd_backbone()
+    sd = ssd_backbone_state_dict(tm)
+    variables = vgg_flax.from_torch(sd, "vgg16_ssd")
+    assert_bit_exact(sd, vgg_flax.to_torch(variables, "vgg16_ssd"))
+    assert sum(v.numel() for v in sd.values()) == vgg_flax.metadata("vgg16_ssd")["num_params"]
+    x = torch.randn(1, 3, 300, 300, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = tm(x)
+        relu4_3 = tm.features(x)
+    model = vgg_flax.create("vgg16_ssd", taps=("relu4_3", "conv4_3_norm", "relu7"))
+    with jax.default_matmul_precision("highest"):
+        out = model.apply(variables, nhwc(x))
+    assert out["conv4_3_norm"].shape == (1, 38, 38, 512)  # ceil-mode pool3: 75 -> 38
+    assert out["relu7"].shape == (1, 19, 19, 1024)
+    assert_close(out["relu4_3"], nhwc(relu4_3), "relu4_3 (before L2Norm)")
+    assert_close(out["conv4_3_norm"], nhwc(ref["0"]), "conv4_3 L2Norm")
+    assert_close(out["relu7"], nhwc(ref["1"]), "relu7")
+
+
+def _valid_taps_1d(n, k, p, d):
+    """Kernel taps that land inside an input of length n, summed over the output positions."""
+    out = n + 2 * p - d * (k - 1)
+    return sum(sum(0 <= o - p + d * j < n for j in range(k)) for o in range(out))
+
+
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
+def test_gflops_match_torchvision(name):
+    """count_macs follows torchvision's convention (every tap); XLA's cost analysis counts only
+    taps inside the image, so it is compared with torchvision's figure minus the taps that fall
+    on zero padding, counted from torchvision's own Conv2d modules."""
+    import torchvision
+    from vgg_flax.model import abstract_variables, count_macs
+    tv_gflops = getattr(torchvision.models, f"{name.upper()}_Weights").IMAGENET1K_V1.meta["_ops"]
+    model = vgg_flax.create(name)
+    assert abs(count_macs(model, (1, 224, 224, 3)) / 1e9 - tv_gflops) <= 0.01 * tv_gflops
+    assert vgg_flax.metadata(name)["gflops"] == tv_gflops
+
+    padding_macs, size = 0, 224
+    for m in torchvision.models.get_model(name).features:
+        if isinstance(m, torch.nn.MaxPool2d):
+            size //= 2
+        elif isinstance(m, torch.nn.Conv2d):
+            k, p, d = m.kernel_size[0], m.padding[0], m.dilation[0]
+            full = (size + 2 * p - d * (k - 1)) ** 2 * k * k
+            padding_macs += (full - _valid_taps_1d(size, k, p, d) ** 2) * m.in_channels * m.out_channels
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    xla = jax.jit(model.apply).lower(abstract_variables(model), x).compile().cost_analysis()["flops"]
+    expected = tv_gflops * 1e9 - padding_macs
+    assert abs(xla / 2 - expected) <= 0.01 * expected, (xla / 2e9, expected / 1e9)
