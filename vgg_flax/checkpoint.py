@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vgg_flax import registry
-from vgg_flax.model import VGG
+from vgg_flax.model import VGG, abstract_variables
 
 FORMAT = "vgg_flax/1"
 _JSON_FIELDS = ("num_classes", "include_top", "dropout_rate", "hidden_size", "width",
@@ -88,8 +88,11 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]
     info = read_info(path)
     module = registry.create(info["name"], **{**_from_json(info["overrides"]), **overrides})
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path / "variables")
-        tree = getattr(meta, "item_metadata", meta)
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree.tree if hasattr(tree, "tree") else tree))
-        variables = ckptr.restore(path / "variables", target)
+        variables = ckptr.restore(path / "variables")  # numpy leaves
+    # The module must be able to use them: same tree, same shapes.
+    in_channels = variables["params"]["conv1_1"]["kernel"].shape[2]
+    expected = jax.tree.map(lambda a: tuple(a.shape), abstract_variables(module, in_channels))
+    if jax.tree.map(np.shape, variables) != expected:
+        raise ValueError(f"{path}: the stored variables do not fit {info['name']} with "
+                         f"{info['overrides']}; the checkpoint is damaged or was edited")
     return module, variables
