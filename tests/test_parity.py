@@ -17,10 +17,15 @@ RTOL = 1e-4
 SIZES = [(224, 224), (256, 256), (224, 320)]  # 256: overlapping 8->7 bins; 320: uneven 10->7
 
 
+PARITY_TABLE = []  # (what, max abs diff, relative diff): printed at the end of the run
+
+
 def assert_close(out, ref, what):
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     assert out.shape == ref.shape, (what, out.shape, ref.shape)
-    err = np.abs(out - ref).max() / np.abs(ref).max()
+    diff = np.abs(out - ref).max()
+    err = diff / np.abs(ref).max()
+    PARITY_TABLE.append((what, diff, err))
     assert err <= RTOL, f"{what}: relative error {err:.2e} > {RTOL}"
 
 
