@@ -1,0 +1,243 @@
+"""The paper's test protocols: scales, the 5x5x2 crop grid, dense evaluation against a torch
+reference, and the batched/sharded Evaluator against a row-by-row computation.
+
+Dense parity: full-size VGG-16 with seeded random torchvision weights; the torch reference is
+torchvision's ``features`` followed by its classifier reshaped into Conv2d 512->4096 7x7,
+4096->4096 1x1, 4096->1000 1x1, score map averaged. fp32, highest matmul precision, tolerance
+1e-4 of the largest logit. Budget: ~60 s (two VGG-16 compiles, a few torch forwards).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import vgg_flax
+from vgg_flax.evaluate import (CROP, DENSE, PROTOCOLS, Evaluator, error_table, evaluate_image,
+                               grid_offsets, multicrop, posterior_fns, rows, single_scale,
+                               test_scales as paper_test_scales, topk_correct)
+
+RTOL = 1e-4
+
+
+def assert_close(ours, ref, rtol=RTOL):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max()
+    assert err <= rtol * np.abs(ref).max(), f"max abs diff {err}, max |ref| {np.abs(ref).max()}"
+
+
+# -- full-size VGG-16: one seeded torchvision model shared by the parity tests -----------------------
+@pytest.fixture(scope="module")
+def vgg16_pair():
+    torch.manual_seed(0)
+    tv = torchvision.models.vgg16().eval()
+    # torchvision's N(0, 0.01) classifier init makes logits tiny; scale fc8 so softmax is not flat
+    # and flip averaging of posteriors is a real test.
+    with torch.no_grad():
+        tv.classifier[6].weight.mul_(50.0)
+    variables = vgg_flax.from_torch(tv.state_dict(), "vgg16")
+    return tv, jax.tree.map(jnp.asarray, variables)
+
+
+def torch_dense(tv: torchvision.models.VGG) -> nn.Module:
+    """torchvision's VGG as a fully convolutional net: the classifier's Linear layers reshaped."""
+    fc6, fc7, fc8 = tv.classifier[0], tv.classifier[3], tv.classifier[6]
+    convs = []
+    for fc, k in ((fc6, 7), (fc7, 1), (fc8, 1)):
+        c = nn.Conv2d(fc.in_features // (k * k), fc.out_features, k)
+        with torch.no_grad():
+            # torch flattens (C, H, W), so a Linear row viewed as (C, k, k) is an OIHW filter.
+            c.weight.copy_(fc.weight.view(fc.out_features, -1, k, k))
+            c.bias.copy_(fc.bias)
+        convs.append(c)
+    return nn.Sequential(tv.features, convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2]).eval()
+
+
+def test_dense_at_224_equals_standard_head(vgg16_pair):
+    """At 224x224 pool5 is 7x7: the 7x7 fc6 convolution sees exactly the flattened map."""
+    _, variables = vgg16_pair
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 224, 224, 3)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        std = vgg_flax.create("vgg16").apply(variables, x)
+        dense_model = vgg_flax.create("vgg16", dense=True, taps=("fc8",))
+        score_map = dense_model.apply(variables, x)["fc8"]
+    assert score_map.shape == (2, 1, 1, 1000)
+    assert_close(score_map[:, 0, 0], std, rtol=1e-5)
+
+
+def test_dense_at_larger_size_equals_torch_conv_reference(vgg16_pair):
+    tv, variables = vgg16_pair
+    x = np.random.default_rng(1).standard_normal((1, 256, 320, 3)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref_map = torch_dense(tv)(xt)                        # (1, 1000, 2, 4)
+        ref_flip_map = torch_dense(tv)(torch.flip(xt, dims=[3]))
+    assert tuple(ref_map.shape) == (1, 1000, 2, 4)
+    ref_logits = ref_map.mean(dim=(2, 3))
+    ref_post = 0.5 * (ref_logits.softmax(-1) + ref_flip_map.mean(dim=(2, 3)).softmax(-1))
+    with jax.default_matmul_precision("highest"):
+        dense_model = vgg_flax.create("vgg16", dense=True)
+        logits = dense_model.apply(variables, jnp.asarray(x))
+        post = jax.jit(posterior_fns(vgg_flax.create("vgg16"), flip=True)[DENSE])(
+            variables, jnp.asarray(x))
+    assert_close(logits, ref_logits.numpy())
+    assert_close(post, ref_post.numpy())
+    # flip averaging is not a no-op here, so the comparison above tested it
+    assert np.abs(ref_post.numpy() - ref_logits.softmax(-1).numpy()).max() > 1e-4
+
+
+# -- scales and crops ---------------------------------------------------------------------------
+def test_paper_test_scales():
+    assert paper_test_scales(256) == (224, 256, 288)
+    assert paper_test_scales(384) == (352, 384, 416)
+    assert paper_test_scales((256, 512)) == (256, 384, 512)
+    assert single_scale(256) == 256 and single_scale((256, 512)) == 384
+
+
+def coded_image(h, w):
+    """Each pixel holds its own (y, x, 0), so a crop tells where it came from."""
+    y, x = np.mgrid[:h, :w].astype(np.float32)
+    return np.stack([y, x, np.zeros_like(y)], -1)
+
+
+@pytest.mark.parametrize("hw", [(256, 341), (384, 384), (224, 300), (512, 683)])
+def test_multicrop_is_a_5x5_grid_with_flips(hw):
+    h, w = hw
+    img = coded_image(h, w)
+    crops = multicrop(img, 224)
+    assert crops.shape == (50, 224, 224, 3)
+    ys, xs = grid_offsets(h, 224), grid_offsets(w, 224)
+    for offs, side in ((ys, h), (xs, w)):
+        exact = np.arange(5) * (side - 224) / 4
+        assert offs[0] == 0 and offs[-1] == side - 224            # grid spans the whole image
+        assert np.all(np.abs(np.array(offs) - exact) <= 0.5)       # evenly spaced, rounded
+    for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
+        np.testing.assert_array_equal(crops[k], img[y:y + 224, x:x + 224])
+        np.testing.assert_array_equal(crops[25 + k], img[y:y + 224, x:x + 224][:, ::-1])
+    if hw == (256, 341):  # spelled out once: 32/4 = 8 per step vertically, 117/4 = 29.25 across
+        assert ys == [0, 8, 16, 24, 32] and xs == [0, 29, 59, 88, 117]
+
+
+def test_rows_per_protocol():
+    img = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    scales = (224, 256, 288)
+    counts = {"single": (1, 0), "dense": (0, 1), "multiscale": (0, 3), "multicrop": (150, 0),
+              "dense+multicrop": (150, 3)}
+    for protocol in PROTOCOLS:
+        rs = rows(img, protocol, "vgg16", scales=scales[:1] if protocol == "dense" else scales)
+        n_crop = sum(r.kind == CROP for r in rs)
+        n_dense = sum(r.kind == DENSE for r in rs)
+        assert (n_crop, n_dense) == counts[protocol], protocol
+        assert abs(sum(r.weight for r in rs) - 1) < 1e-12
+        assert all(r.array.dtype == np.float32 for r in rs)
+        if protocol == "dense+multicrop":  # dense and multi-crop each carry half the vote
+            assert abs(sum(r.weight for r in rs if r.kind == DENSE) - 0.5) < 1e-12
+    dense_shapes = [r.array.shape for r in rows(img, "multiscale", "vgg16", scales=scales)]
+    assert dense_shapes == [(224, 298, 3), (256, 341, 3), (288, 384, 3)]
+    with pytest.raises(ValueError, match="protocol"):
+        rows(img, "tencrop")
+    with pytest.raises(ValueError, match="scales"):
+        rows(img, "dense")
+    with pytest.raises(ValueError, match="does not fit"):
+        grid_offsets(200, 224)
+
+
+# -- the batched, sharded evaluator against a row-by-row computation --------------------------------
+SMALL = dict(width=0.25, hidden_size=64, pool_size=(1, 1), num_classes=10)
+
+
+def random_variables(module, seed=0, in_channels=3):
+    """He-normal random variables from the module's abstract shapes (numpy: no init compile)."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, in_channels)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        if path[-1].key == "bias":
+            return jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32)
+        fan_in = int(np.prod(s.shape[:-1]))
+        return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), s.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def small():
+    module = vgg_flax.create("vgg11", **SMALL)
+    return module, random_variables(module)
+
+
+class Rowwise:
+    """Independent reference: each row alone through the model, no batching, no sharding."""
+
+    def __init__(self, module, variables, flip=True):
+        dense = module.clone(dense=True)
+        self.flip = flip
+        self.crop_f = jax.jit(lambda x: jax.nn.softmax(module.apply(variables, x)))
+        self.dense_f = jax.jit(lambda x: jax.nn.softmax(dense.apply(variables, x)))
+
+    def __call__(self, image_rows):
+        total = 0.0
+        for r in image_rows:
+            x = jnp.asarray(r.array[None])
+            if r.kind == CROP:
+                p = self.crop_f(x)
+            else:
+                p = self.dense_f(x)
+                if self.flip:
+                    p = 0.5 * (p + self.dense_f(x[:, :, ::-1]))
+            total = total + r.weight * np.asarray(p[0], np.float64)
+        return total
+
+
+def test_evaluator_matches_rowwise_on_8_devices(small):
+    module, variables = small
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(2)
+    # two images share a shape (so share dense batches), one is portrait
+    images = [rng.integers(0, 256, hw, dtype=np.uint8)
+              for hw in [(30, 50, 3), (30, 50, 3), (57, 33, 3)]]
+    pre = dict(resize_size=40, crop_size=32, mean=(0.485, 0.456, 0.406),
+               std=(0.229, 0.224, 0.225), interpolation="bilinear")
+    # batch 12 -> 16 (a multiple of 8 devices); max_pending small so early flushes happen
+    ev = Evaluator(module, variables, batch_size=12, max_pending=40)
+    reference = Rowwise(module, variables)
+    for protocol, scales in [("single", None), ("multiscale", (32, 40)),
+                             ("dense+multicrop", (32, 40))]:
+        items = [(i, rows(im, protocol, pre, scales)) for i, im in enumerate(images)]
+        got = dict(ev(items))
+        assert sorted(got) == list(range(len(images)))
+        for i, image_rows in items:
+            np.testing.assert_allclose(got[i], reference(image_rows), rtol=2e-5, atol=1e-6,
+                                       err_msg=protocol)
+            assert abs(got[i].sum() - 1) < 1e-5
+    assert ev.batch_size == 16 and ev.calls > 1
+
+
+def test_evaluate_image_and_errors(small):
+    module, variables = small
+    img = np.random.default_rng(3).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    pre = dict(resize_size=36, crop_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    post = evaluate_image(img, module, variables, "multicrop", pre, scales=(32, 40))
+    ref = Rowwise(module, variables)(rows(img, "multicrop", pre, (32, 40)))
+    np.testing.assert_allclose(post, ref, rtol=2e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="classifier"):
+        posterior_fns(vgg_flax.create("vgg16_ssd"))
+    with pytest.raises(ValueError, match="given twice"):
+        list(Evaluator(module, variables, batch_size=8)(
+            [(0, rows(img, "single", pre)), (0, rows(img, "single", pre))]))
+
+
+def test_topk_correct_and_table():
+    rng = np.random.default_rng(4)
+    post = rng.random((200, 30))
+    labels = rng.integers(0, 30, 200)
+    order = np.argsort(-post, axis=1)
+    for k in (1, 5):
+        brute = sum(labels[i] in order[i, :k] for i in range(200))
+        assert topk_correct(post, labels, (1, 5))[k] == brute
+    table = error_table([dict(model="vgg16", protocol="dense", train_scale="256",
+                              test_scales="256", images=10, top1_error=28.123, top5_error=9.37)])
+    assert "| vgg16 | dense | 256 | 256 | 10 | 28.1 | 9.4 |" in table
