@@ -16,8 +16,9 @@ from torch import nn
 
 import vgg_flax
 from vgg_flax.evaluate import (CROP, DENSE, PROTOCOLS, Evaluator, error_table, evaluate_image,
-                               grid_offsets, multicrop, posterior_fns, rows, single_scale,
-                               test_scales as paper_test_scales, topk_correct)
+                               flip_valid, grid_offsets, multicrop, padded_shape, posterior_fns,
+                               rows, single_scale, test_scales as paper_test_scales,
+                               topk_correct)
 
 RTOL = 1e-4
 
@@ -69,22 +70,27 @@ def test_dense_at_224_equals_standard_head(vgg16_pair):
 
 
 def test_dense_at_larger_size_equals_torch_conv_reference(vgg16_pair):
+    """250x330 (not a multiple of 32): the Evaluator's path pads it to 256x352 and masks; the
+    result must still be the unpadded image's, as torch computes it."""
     tv, variables = vgg16_pair
-    x = np.random.default_rng(1).standard_normal((1, 256, 320, 3)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((1, 250, 330, 3)).astype(np.float32)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
     with torch.no_grad():
-        ref_map = torch_dense(tv)(xt)                        # (1, 1000, 2, 4)
+        ref_map = torch_dense(tv)(xt)                        # (1, 1000, 1, 4)
         ref_flip_map = torch_dense(tv)(torch.flip(xt, dims=[3]))
-    assert tuple(ref_map.shape) == (1, 1000, 2, 4)
+    assert tuple(ref_map.shape) == (1, 1000, 1, 4)
     ref_logits = ref_map.mean(dim=(2, 3))
     ref_post = 0.5 * (ref_logits.softmax(-1) + ref_flip_map.mean(dim=(2, 3)).softmax(-1))
+    padded = np.zeros((1, *padded_shape(x.shape[1:])), np.float32)
+    assert padded.shape == (1, 256, 352, 3)
+    padded[:, :250, :330] = x
+    valid = jnp.array([[250, 330]], jnp.int32)
     with jax.default_matmul_precision("highest"):
-        dense_model = vgg_flax.create("vgg16", dense=True)
-        logits = dense_model.apply(variables, jnp.asarray(x))
+        logits = vgg_flax.create("vgg16", dense=True).apply(variables, jnp.asarray(x))
         post = jax.jit(posterior_fns(vgg_flax.create("vgg16"), flip=True)[DENSE])(
-            variables, jnp.asarray(x))
-    assert_close(logits, ref_logits.numpy())
-    assert_close(post, ref_post.numpy())
+            variables, jnp.asarray(padded), valid)
+    assert_close(logits, ref_logits.numpy())   # the model's own dense mode
+    assert_close(post, ref_post.numpy())       # padded, masked, flip-averaged
     # flip averaging is not a no-op here, so the comparison above tested it
     assert np.abs(ref_post.numpy() - ref_logits.softmax(-1).numpy()).max() > 1e-4
 
@@ -146,12 +152,13 @@ def test_rows_per_protocol():
 
 
 # -- the batched, sharded evaluator against a row-by-row computation --------------------------------
-SMALL = dict(width=0.25, hidden_size=64, pool_size=(1, 1), num_classes=10)
+# pool_size (2, 2): dense fc6 is a 2x2 convolution, so masking its window is tested too
+SMALL = dict(width=0.25, hidden_size=64, pool_size=(2, 2), num_classes=10)
 
 
 def random_variables(module, seed=0, in_channels=3):
     """He-normal random variables from the module's abstract shapes (numpy: no init compile)."""
-    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, in_channels)))
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, in_channels)))
     rng = np.random.default_rng(seed)
 
     def draw(path, s):
@@ -196,16 +203,16 @@ def test_evaluator_matches_rowwise_on_8_devices(small):
     module, variables = small
     assert jax.device_count() == 8
     rng = np.random.default_rng(2)
-    # two images share a shape (so share dense batches), one is portrait
+    # two images share a shape (so share batches), one is portrait; none is a multiple of 32
     images = [rng.integers(0, 256, hw, dtype=np.uint8)
-              for hw in [(30, 50, 3), (30, 50, 3), (57, 33, 3)]]
-    pre = dict(resize_size=40, crop_size=32, mean=(0.485, 0.456, 0.406),
+              for hw in [(60, 100, 3), (60, 100, 3), (111, 67, 3)]]
+    pre = dict(resize_size=72, crop_size=64, mean=(0.485, 0.456, 0.406),
                std=(0.229, 0.224, 0.225), interpolation="bilinear")
     # batch 12 -> 16 (a multiple of 8 devices); max_pending small so early flushes happen
     ev = Evaluator(module, variables, batch_size=12, max_pending=40)
     reference = Rowwise(module, variables)
-    for protocol, scales in [("single", None), ("multiscale", (32, 40)),
-                             ("dense+multicrop", (32, 40))]:
+    for protocol, scales in [("single", None), ("multiscale", (64, 75)),
+                             ("dense+multicrop", (64, 75))]:
         items = [(i, rows(im, protocol, pre, scales)) for i, im in enumerate(images)]
         got = dict(ev(items))
         assert sorted(got) == list(range(len(images)))
@@ -213,21 +220,34 @@ def test_evaluator_matches_rowwise_on_8_devices(small):
             np.testing.assert_allclose(got[i], reference(image_rows), rtol=2e-5, atol=1e-6,
                                        err_msg=protocol)
             assert abs(got[i].sum() - 1) < 1e-5
+    # dense rows were padded: (64, 106) and (75, 125) -> (64, 128), (96, 128)
+    assert {k for k in ev._seen if k[0] == DENSE} == {
+        (DENSE, (64, 128, 3)), (DENSE, (96, 128, 3)), (DENSE, (128, 64, 3)),
+        (DENSE, (128, 96, 3))}
     assert ev.batch_size == 16 and ev.calls > 1
 
 
 def test_evaluate_image_and_errors(small):
     module, variables = small
     img = np.random.default_rng(3).integers(0, 256, (45, 70, 3), dtype=np.uint8)
-    pre = dict(resize_size=36, crop_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
-    post = evaluate_image(img, module, variables, "multicrop", pre, scales=(32, 40))
-    ref = Rowwise(module, variables)(rows(img, "multicrop", pre, (32, 40)))
+    pre = dict(resize_size=72, crop_size=64, mean=(0.5,) * 3, std=(0.25,) * 3)
+    post = evaluate_image(img, module, variables, "multicrop", pre, scales=(64, 70))
+    ref = Rowwise(module, variables)(rows(img, "multicrop", pre, (64, 70)))
     np.testing.assert_allclose(post, ref, rtol=2e-5, atol=1e-6)
     with pytest.raises(ValueError, match="classifier"):
         posterior_fns(vgg_flax.create("vgg16_ssd"))
     with pytest.raises(ValueError, match="given twice"):
         list(Evaluator(module, variables, batch_size=8)(
             [(0, rows(img, "single", pre)), (0, rows(img, "single", pre))]))
+
+
+def test_flip_valid_mirrors_only_the_image():
+    x = np.zeros((2, 2, 6, 1), np.float32)
+    x[0, :, :4, 0] = [1, 2, 3, 4]
+    x[1, :, :6, 0] = [1, 2, 3, 4, 5, 6]
+    out = np.asarray(flip_valid(jnp.asarray(x), jnp.array([[2, 4], [2, 6]])))
+    np.testing.assert_array_equal(out[0, 0, :, 0], [4, 3, 2, 1, 0, 0])
+    np.testing.assert_array_equal(out[1, 1, :, 0], [6, 5, 4, 3, 2, 1])
 
 
 def test_topk_correct_and_table():
