@@ -254,10 +254,109 @@ def test_topk_correct_and_table():
     rng = np.random.default_rng(4)
     post = rng.random((200, 30))
     labels = rng.integers(0, 30, 200)
-    order = np.argsort(-post, axis=1)
+    post[:50, 10:] = 0.0  # ties (as from underflow) must not count as hits
+    order = np.argsort(-post, axis=1, kind="stable")
     for k in (1, 5):
         brute = sum(labels[i] in order[i, :k] for i in range(200))
         assert topk_correct(post, labels, (1, 5))[k] == brute
+    assert topk_correct(np.zeros((1, 10)), np.array([7]))[5] == 0
     table = error_table([dict(model="vgg16", protocol="dense", train_scale="256",
                               test_scales="256", images=10, top1_error=28.123, top5_error=9.37)])
     assert "| vgg16 | dense | 256 | 256 | 10 | 28.1 | 9.4 |" in table
+
+
+# -- train/eval.py end to end on tfds.testing.mock_data ---------------------------------------------
+def _eval_cli():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "train" / "eval.py"
+    spec = importlib.util.spec_from_file_location("vgg_flax_eval_cli", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def mock_imagenet(tmp_path_factory):
+    """A small ImageNet-shaped model whose fc8 bias fixes its top-5 to classes chosen from the
+    mock labels, so the expected errors are known exactly; saved as a checkpoint."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        labels = [int(tfds.data_source("imagenet2012", split="validation")[i]["label"])
+                  for i in range(6)]
+    module = vgg_flax.create("vgg11", **dict(SMALL, num_classes=1000))
+    variables = random_variables(module, seed=5)
+    top = [labels[0]] + [l for l in labels if l != labels[0]][:1]
+    top += [c for c in range(1000) if c not in labels][:5 - len(top)]
+    bias = np.zeros(1000, np.float32)
+    bias[top] = 30.0 - 5.0 * np.arange(5)  # margins far above what the damped features move
+    variables["params"]["fc8"]["bias"] = jnp.asarray(bias)
+    variables["params"]["fc8"]["kernel"] = variables["params"]["fc8"]["kernel"] * 1e-3
+    path = vgg_flax.save(tmp_path_factory.mktemp("ckpt") / "vgg11_small", variables, "vgg11",
+                         module=module)
+    expect = {"top1": 100 * (1 - sum(l == top[0] for l in labels) / 6),
+              "top5": 100 * (1 - sum(l in top for l in labels) / 6)}
+    return path, expect, module, variables
+
+
+SMALL_ARGS = ["--crop-size", "64", "--resize-size", "72", "--batch-size", "12"]
+
+
+@pytest.mark.parametrize("protocol", ["single", "dense+multicrop"])
+def test_eval_cli_end_to_end_on_mock_data(mock_imagenet, protocol, capsys):
+    import tensorflow_datasets as tfds
+    path, expect, _, _ = mock_imagenet
+    cli = _eval_cli()
+    with tfds.testing.mock_data(num_examples=6):
+        result = cli.main(["--weights", str(path), "--dataset", "imagenet2012",
+                           "--protocol", protocol, "--scales", "64", *SMALL_ARGS])
+    out = capsys.readouterr().out
+    assert result["images"] == 6 and result["devices"] == 8
+    assert result["top1_error"] == pytest.approx(expect["top1"])
+    assert result["top5_error"] == pytest.approx(expect["top5"])
+    row = f"| {protocol} | " + ("- | 72/64 crop" if protocol == "single" else "256 | 64")
+    assert row in out, out
+    assert f"| 6 | {expect['top1']:.1f} | {expect['top5']:.1f} |" in out, out
+    assert "top-1 val. error (%)" in out and "images/s" in out
+
+
+def test_each_process_reads_only_its_share(mock_imagenet):
+    import tensorflow_datasets as tfds
+    from vgg_flax.evaluate import evaluate_source, host_share
+    _, expect, module, variables = mock_imagenet
+    assert [list(host_share(7, i, 3)) for i in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+
+    class Counting:
+        def __init__(self, src):
+            self.src, self.read = src, []
+
+        def __len__(self):
+            return len(self.src)
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return self.src[i]
+
+    pre = dict(resize_size=72, crop_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    correct1 = 0
+    with tfds.testing.mock_data(num_examples=6):
+        for pi in range(2):
+            src = Counting(tfds.data_source("imagenet2012", split="validation"))
+            r = evaluate_source(src, module, variables, "single", pre, batch_size=8,
+                                process_index=pi, process_count=2, progress=False)
+            assert sorted(src.read) == list(range(pi, 6, 2))
+            assert r["local_images"] == 3
+            correct1 += round(3 * (1 - r["top1_error"] / 100))
+    assert correct1 == round(6 * (1 - expect["top1"] / 100))
+
+
+def test_eval_cli_errors(tmp_path, mock_imagenet):
+    cli = _eval_cli()
+    with pytest.raises(SystemExit, match="not a vgg_flax checkpoint"):
+        cli.main(["--weights", str(tmp_path), "--dataset", "imagenet2012"])
+    with pytest.raises(SystemExit, match="cannot open TFDS dataset 'mnist'.*tfds build mnist"):
+        cli.open_dataset("mnist", "test", str(tmp_path))
+    path = mock_imagenet[0]
+    with pytest.raises(SystemExit, match="smaller than the 224-pixel crop"):
+        cli.main(["--weights", str(path), "--synthetic", "40x50", "--protocol", "dense",
+                  "--scales", "64", "--limit", "1"])

@@ -399,9 +399,11 @@ def topk_correct(posteriors: np.ndarray, labels: np.ndarray, ks: Sequence[int] =
                  ) -> dict[int, int]:
     """How many of ``labels`` (N,) are among the k highest ``posteriors`` (N, K), for each k."""
     posteriors, labels = np.asarray(posteriors), np.asarray(labels)
-    # rank of the true class = number of classes scored strictly higher (ties count in its favour)
+    # rank of the true class in a stable descending sort: classes scored higher, plus tied
+    # classes with a lower index (so ties, e.g. posteriors that underflowed to 0, never help)
     true = np.take_along_axis(posteriors, labels[:, None], axis=1)
-    rank = (posteriors > true).sum(axis=1)
+    lower = np.arange(posteriors.shape[1])[None, :] < labels[:, None]
+    rank = ((posteriors > true) | ((posteriors == true) & lower)).sum(axis=1)
     return {k: int((rank < k).sum()) for k in ks}
 
 
