@@ -221,7 +221,7 @@ def test_evaluator_matches_rowwise_on_8_devices(small):
                                        err_msg=protocol)
             assert abs(got[i].sum() - 1) < 1e-5
     # dense rows were padded: (64, 106) and (75, 125) -> (64, 128), (96, 128)
-    assert {k for k in ev._seen if k[0] == DENSE} == {
+    assert {k for k in ev._compiled if k[0] == DENSE} == {
         (DENSE, (64, 128, 3)), (DENSE, (96, 128, 3)), (DENSE, (128, 64, 3)),
         (DENSE, (128, 96, 3))}
     assert ev.batch_size == 16 and ev.calls > 1

@@ -136,10 +136,10 @@ def main(argv=None) -> dict:
     where = args.synthetic and f"synthetic {args.synthetic} (errors meaningless)" or \
         f"{args.dataset}:{args.split}"
     print(f"{where}: {result['images']} images; process 0: {result['seconds']:.1f} s, "
-          f"{result['images_per_s']:.2f} images/s on {result['devices']} device(s), batch "
-          f"{result['batch_size']}, {result['network_calls']} network calls, "
-          f"{result['distinct_shapes']} input shapes ({result['first_call_seconds']:.1f} s in "
-          "their first calls, mostly compiling)")
+          f"of which {result['compile_seconds']:.1f} s compiling {result['distinct_shapes']} "
+          f"input shape(s); {result['images_per_s']:.2f} images/s excluding compilation on "
+          f"{result['devices']} device(s), batch {result['batch_size']}, "
+          f"{result['network_calls']} network calls")
     print(table)
     return result
 
