@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
         f"{args.dataset}:{args.split}"
     print(f"{where}: {result['images']} images; process 0: {result['seconds']:.1f} s, "
           f"of which {result['compile_seconds']:.1f} s compiling {result['distinct_shapes']} "
-          f"input shape(s); {result['images_per_s']:.2f} images/s excluding compilation on "
+          f"input shape(s); {result['images_per_s']:.3g} images/s excluding compilation on "
           f"{result['devices']} device(s), batch {result['batch_size']}, "
           f"{result['network_calls']} network calls")
     print(table)

@@ -14,8 +14,10 @@
 - ``dense+multicrop``: the average of the dense and multi-crop posteriors (section 4.3, Table 5).
 
 Every protocol reduces an image to a list of ``Row``s (one network input each, with the weight
-of its posterior in the image's final posterior); ``Evaluator`` batches rows of equal shape,
-runs them sharded over a device mesh, and sums the weighted posteriors per image.
+of its posterior in the image's final posterior); ``Evaluator`` batches rows of equal shape
+(dense images: equal size rounded up to 32, zero-padded and masked so the result is exactly the
+unpadded image's), runs them sharded over a device mesh, and sums the weighted posteriors per
+image. ``evaluate_source`` does this over a dataset, each process reading only its share.
 """
 from __future__ import annotations
 
