@@ -1,0 +1,148 @@
+"""Evaluate a vgg_flax checkpoint with one of the paper's test protocols.
+
+    python train/eval.py --weights ckpt/vgg16 --dataset imagenet2012 --protocol multiscale
+
+prints top-1 / top-5 error in the form of the paper's Tables 3-5. Protocols (see
+``vgg_flax.evaluate``): single (torchvision's center crop), dense, multiscale, multicrop,
+dense+multicrop. Test scales come from the training scale S (``--train-scale 256`` or jittered
+``--train-scale 256,512``) as in the paper, or explicitly with ``--scales``.
+Runs on every local device (batch sharded over a 'data' mesh axis); with several processes each
+reads only its share and the counts are summed. ``--synthetic HxW`` times a protocol on random
+images instead of a dataset (throughput only).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from vgg_flax import evaluate as E
+from vgg_flax.checkpoint import load, read_info
+from vgg_flax.preprocess import preprocessing
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="checkpoint directory written by vgg_flax.save")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="TFDS name, e.g. imagenet2012 (prepared in --data-dir)")
+    src.add_argument("--synthetic", metavar="HxW", help="random HxW images, to time a protocol")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory")
+    p.add_argument("--protocol", default="single", choices=E.PROTOCOLS)
+    p.add_argument("--train-scale", type=_ints, default=None,
+                   help="training scale S, or S_min,S_max if scale-jittered (default: the "
+                        "weights' resize size, 256 for torchvision's)")
+    p.add_argument("--scales", type=_ints, default=None, help="test scales Q (overrides the paper's)")
+    p.add_argument("--crop-size", type=int, default=None, help="network input for single/multicrop")
+    p.add_argument("--resize-size", type=int, default=None, help="single: shorter side before crop")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="dense: do not average with the mirror image")
+    p.add_argument("--batch-size", type=int, default=32, help="network inputs per call, per process")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--threads", type=int, default=8, help="threads preparing images")
+    p.add_argument("--image-key", default="image")
+    p.add_argument("--label-key", default="label")
+    return p.parse_args(argv)
+
+
+def open_dataset(name: str, split: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 - TFDS raises many types; all mean "not available"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(
+            f"error: cannot open TFDS dataset {name!r} split {split!r} ({first}); this machine "
+            f"cannot download it: prepare it where there is network (`tfds build {name}`, "
+            "ImageNet needs its manual download in ~/tensorflow_datasets/downloads/manual) "
+            "and pass --data-dir") from None
+
+
+class SyntheticSource:
+    """``n`` random uint8 images of one size with label 0 (timing only)."""
+
+    def __init__(self, hw: str, n: int):
+        try:
+            self.h, self.w = (int(t) for t in hw.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"error: --synthetic wants HxW, e.g. 375x500, got {hw!r}") from None
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng(i)
+        return {"image": rng.integers(0, 256, (self.h, self.w, 3), dtype=np.uint8), "label": 0}
+
+
+def test_scales_for(args, name: str) -> tuple[tuple[int, ...] | None, str]:
+    """(test scales, training-scale label) for the protocol, as the paper picks them."""
+    if args.protocol == "single":
+        return None, "-"
+    s = args.train_scale or (preprocessing(name)["resize_size"],)
+    if len(s) not in (1, 2):
+        raise SystemExit("error: --train-scale takes S or S_min,S_max")
+    train = s[0] if len(s) == 1 else s
+    if args.scales:
+        scales = args.scales
+    elif args.protocol == "dense":
+        scales = (E.single_scale(train),)
+    else:
+        scales = E.test_scales(train)
+    return scales, (str(s[0]) if len(s) == 1 else f"[{s[0]};{s[1]}]")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        info = read_info(args.weights)
+        module, variables = load(args.weights)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    name = info["name"]
+    scales, train_label = test_scales_for(args, name)
+    if args.synthetic:
+        source = SyntheticSource(args.synthetic, args.limit or 64)
+    else:
+        source = open_dataset(args.dataset, args.split, args.data_dir)
+    try:
+        result = E.evaluate_source(
+            source, module, variables, args.protocol, name, scales=scales,
+            crop_size=args.crop_size, resize_size=args.resize_size, flip=args.flip,
+            batch_size=args.batch_size, limit=args.limit, image_key=args.image_key,
+            label_key=args.label_key, threads=args.threads)
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+    p = preprocessing(name)
+    if args.protocol == "single":
+        test_label = f"{args.resize_size or p['resize_size']}/{args.crop_size or p['crop_size']} crop"
+    else:
+        test_label = ",".join(map(str, scales))
+    model = name + ("" if not info.get("overrides") else
+                    " (" + ", ".join(f"{k}={v}" for k, v in info["overrides"].items()
+                                     if k not in ("cfg",)) + ")")
+    table = E.error_table([dict(model=model, protocol=args.protocol + ("" if args.flip else ", no flip"),
+                                train_scale=train_label, test_scales=test_label, **result)])
+    where = args.synthetic and f"synthetic {args.synthetic} (errors meaningless)" or \
+        f"{args.dataset}:{args.split}"
+    print(f"{where}: {result['images']} images; process 0: {result['seconds']:.1f} s, "
+          f"of which {result['compile_seconds']:.1f} s compiling {result['distinct_shapes']} "
+          f"input shape(s); {result['images_per_s']:.3g} images/s excluding compilation on "
+          f"{result['devices']} device(s), batch {result['batch_size']}, "
+          f"{result['network_calls']} network calls")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
