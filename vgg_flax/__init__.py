@@ -9,6 +9,7 @@ from vgg_flax.arch import CFGS, VARIANTS
 from vgg_flax.checkpoint import load, save
 from vgg_flax.model import VGG
 from vgg_flax.nnx import to_nnx
+from vgg_flax.preprocess import preprocess
 from vgg_flax.registry import (VGG11, VGG11_BN, VGG11_LRN, VGG13, VGG13_BN, VGG16, VGG16_BN,
                                VGG16_C, VGG16_SSD, VGG19, VGG19_BN, create, imagenet_categories,
                                list_models, metadata)
@@ -17,5 +18,5 @@ from vgg_flax.weights import WeightMismatchError, from_torch, identify, to_torch
 __all__ = [
     "CFGS", "VARIANTS", "VGG", "VGG11", "VGG11_BN", "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16",
     "VGG16_BN", "VGG16_C", "VGG16_SSD", "VGG19", "VGG19_BN", "WeightMismatchError", "create",
-    "from_torch", "identify", "imagenet_categories", "list_models", "load", "metadata", "save", "to_nnx", "to_torch",
+    "from_torch", "identify", "imagenet_categories", "list_models", "load", "metadata", "preprocess", "save", "to_nnx", "to_torch",
 ]
