@@ -199,17 +199,14 @@ class VGG(nn.Module):
         return names
 
     def min_input_size(self) -> int:
-        """Smallest spatial size every pool (and dense fc6) can take."""
-        for s in range(1, 4096):
-            h, ok = s, True
-            for layer in self.layers():
-                if layer.kind == "pool" and layer.pool != "3x3s1":
-                    ok = ok and h >= 2
-                    h = h // 2 if layer.pool == "floor" else -(-(h - 2) // 2) + 1
-            if ok and (not (self.dense and self.include_top and self.head == "fc")
-                       or h >= max(self.pool_size)):
-                return s
-        raise ValueError("no input size fits this cfg")
+        """Smallest spatial size every 2x2 pool (and dense fc6's window) can take."""
+        pools = [layer.pool for layer in self.layers() if layer.kind == "pool" and layer.pool != "3x3s1"]
+        need = max(self.pool_size) if self.dense and self.include_top and self.head == "fc" else 1
+        # Walk back from the last map: a floor pool needs 2n inputs for n outputs, a ceil pool
+        # 2n - 1, and any 2x2 pool at least 2.
+        for pool in reversed(pools):
+            need = max(2, 2 * need if pool == "floor" else 2 * need - 1)
+        return need
 
     def _check_input(self, x: Array) -> None:
         if x.ndim != 4:
