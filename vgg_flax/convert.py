@@ -30,15 +30,17 @@ loaded back from the written output, so the converted weights are held once at a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import resource
 import shutil
+import signal
 import struct
 import sys
-import tempfile
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -470,7 +472,8 @@ def map_to_flax(tensors: Mapping[str, Tensor], module, dtype: np.dtype,
     entries = weights.torch_entries(module)
     variables: dict[str, Any] = {}
     total = sum(tensors[e.torch_key].nbytes for e in entries)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress,
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting",
+              disable=None if progress else True,  # None: only on a terminal
               leave=False) as bar:
         for e in entries:
             src = tensors[e.torch_key]
@@ -622,8 +625,29 @@ def write_msgpack(path: Path, variables: Mapping[str, Any]) -> None:
         emit(variables)
 
 
+@contextlib.contextmanager
+def interrupt_after():
+    """Ctrl-C inside the block is held until the block ends, then raised as KeyboardInterrupt.
+
+    orbax writes from background threads that outlive a KeyboardInterrupt in the main thread;
+    letting the write finish first means the temporary output can then be removed for good.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _tmp_sibling(out: Path, tag: str) -> Path:
-    return out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    # Hidden, unique, and with out's suffix so that readers pick the same format.
+    return out.parent / f".{out.stem}.{tag}-{uuid.uuid4().hex[:8]}{out.suffix}"
 
 
 def _remove(p: Path) -> None:
@@ -919,11 +943,13 @@ def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], rtol: 
 def verify(name: str, module, torch_tensors: Callable[[], Mapping[str, Any]],
            flax_variables: Callable[[], Any], *, in_channels: int = 3,
            images: Sequence[str | os.PathLike] = (), rtol: float = 1e-4,
-           batch: int = 4) -> Verification:
+           batch: int = 4, x: np.ndarray | None = None) -> Verification:
     """torchvision's model on ``torch_tensors()`` vs the Flax ``module`` on ``flax_variables()``,
-    run one after the other (never both models in memory) on the same inputs."""
+    run one after the other (never both models in memory) on the same inputs ``x`` (default:
+    ``verification_inputs``)."""
     import gc
-    x = verification_inputs(name, module, in_channels, images, batch)
+    if x is None:
+        x = verification_inputs(name, module, in_channels, images, batch)
     ref = _torch_outputs(name, module, torch_tensors(), x, in_channels)
     gc.collect()  # the torch model is gone before the Flax side loads
     release_memory()
@@ -995,6 +1021,9 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
     for n in prep.notes:
         log(f"note: {n}")
     in_channels = prep.tensors["features.0.weight"].shape[1]
+    # Inputs (and --image files) are read before any work, so a bad image fails fast.
+    x = verification_inputs(name, prep.module, in_channels, images, verify_batch) \
+        if verify_outputs else None
     variables = map_to_flax(prep.tensors, prep.module, prep.dtype, progress)
     num_params = _num_params(variables)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1002,14 +1031,14 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
     extra = {"converted_from": {"source": prep.source.label, "notes": prep.notes}}
     result = None
     try:
-        write_flax(tmp, variables, name, prep.module, prep.fields, fmt, extra)
+        with interrupt_after():
+            write_flax(tmp, variables, name, prep.module, prep.fields, fmt, extra)
         del variables  # verification reads the written file back
         release_memory()
         if verify_outputs:
             result = verify(name, prep.module, lambda: _reference_tensors(prep),
                             lambda: read_flax(tmp, name, prep.fields)[2],
-                            in_channels=in_channels, images=images, rtol=rtol,
-                            batch=verify_batch)
+                            in_channels=in_channels, rtol=rtol, x=x)
             if not result.ok:
                 _remove(tmp)
         if result is None or result.ok:
@@ -1058,6 +1087,8 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
         raise ConversionError(f"{src} lacks {err} needed by {name}; was it written for another "
                               "VGG variant?") from None
     del variables
+    x = verification_inputs(name, module, in_channels, images, verify_batch) \
+        if verify_outputs else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(out_path, "tmp")
     result = None
@@ -1075,7 +1106,7 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
                             else t.torch()) for k, t in wf.items()
                         if not k.endswith("num_batches_tracked")}
             result = verify(name, module, torch_side, lambda: read_flax(src, name, overrides)[2],
-                            in_channels=in_channels, images=images, rtol=rtol, batch=verify_batch)
+                            in_channels=in_channels, rtol=rtol, x=x)
             if not result.ok:
                 _remove(tmp)
         if result is None or result.ok:
@@ -1091,6 +1122,8 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
 
 def _np_to_torch(a: np.ndarray):
     import torch
+    if not a.flags.writeable:  # e.g. views into a msgpack buffer; torch wants its own memory
+        a = a.copy()
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
