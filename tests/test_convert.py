@@ -434,7 +434,8 @@ def test_formats_and_back(tmp, small):
     path, sd = small
     expect = vgg_flax.from_torch(sd, "vgg11", **SMALL)
     st = tmp / "fmt" / "v.safetensors"
-    cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", st, *SMALL_FLAGS, check=0)
+    p = cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", st, *SMALL_FLAGS, check=0)
+    assert "file read back bit-identical: OK" in p.stdout
     assert_tree_equal(C._unflatten(load_file(st)), expect)
     mp = tmp / "fmt" / "v.msgpack"
     cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", mp, "--no-verify", *SMALL_FLAGS,
@@ -609,3 +610,23 @@ def test_keyboard_interrupt_mid_write_leaves_nothing(tmp, vgg16_full):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert list(out_dir.iterdir()) == []
+
+
+def test_flax_to_torch_bad_input(tmp, small):
+    d = tmp / "f2t_bad"
+    d.mkdir()
+    (d / "plain_dir").mkdir()
+    cases = [
+        ((d / "missing", "--out", d / "x.pth"), "no such checkpoint"),
+        ((d / "plain_dir", "--out", d / "x.pth"), "not a vgg_flax checkpoint"),
+        ((d / "plain_dir", "--out", d / "x.npz"), ".pth, .pt or .safetensors"),
+    ]
+    for args, expect in cases:
+        p = cli(C.flax_to_torch_main, *args)
+        assert p.returncode == 2 and expect in one_error_line(p), p.stderr
+    assert sorted(x.name for x in d.iterdir()) == ["plain_dir"]
+
+
+def test_unknown_torchvision_weights_name(tmp):
+    _bad(tmp, "enum", "vgg16", "--weights", "IMAGENET1K_V7", expect=["IMAGENET1K_V1", "IMAGENET1K_FEATURES"])
+    _bad(tmp, "noweights", "vgg16_c", expect=["no published torchvision weights", "--weights PATH"])

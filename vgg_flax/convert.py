@@ -88,6 +88,16 @@ def _path_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def empty_aligned(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """``np.empty`` on a 64-byte boundary: jax on CPU can then use the memory as it is
+    (``device_put(..., may_alias=True)``) instead of copying the model once more."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + align, np.uint8)
+    start = (-buf.ctypes.data) % align
+    return buf[start:start + n].view(dtype).reshape(shape)
+
+
 def _array_tensor(a: np.ndarray) -> Tensor:
     """An in-memory ``Tensor`` (derived weights: decimated fc, initial values)."""
     def to_torch():
@@ -482,7 +492,7 @@ def map_to_flax(tensors: Mapping[str, Tensor], module, dtype: np.dtype,
             row_bytes = max(src.nbytes // max(rows, 1), 1)
             step = max(1, _CHUNK_BYTES // row_bytes)
             first = weights._t2f(e, np.zeros((1,) + src.shape[1:], src.dtype), module)
-            out = np.empty(first.shape[:-1] + (rows,), want)
+            out = empty_aligned(first.shape[:-1] + (rows,), want)
             for r0 in range(0, rows, step):
                 block = weights._t2f(e, src.rows(slice(r0, r0 + step)), module)
                 out[..., r0:r0 + step] = block.astype(want, copy=False)
@@ -695,12 +705,41 @@ def default_out(name: str, fmt: str) -> Path:
                                   "msgpack": ".msgpack"}[fmt])
 
 
+@contextlib.contextmanager
+def _orbax_numpy_without_copy():
+    """orbax deep-copies every numpy leaf before its (async) write, a second full copy of the
+    model in memory. ``vgg_flax.save`` waits for the write to finish and nothing touches the
+    arrays meanwhile, so the copy buys nothing here: switch it off for the duration."""
+    import logging
+
+    import orbax.checkpoint as ocp
+    try:
+        from orbax.checkpoint._src.serialization.type_handlers import NumpyHandler
+        previous = ocp.type_handlers.get_type_handler(np.ndarray)
+    except (ImportError, AttributeError, ValueError):
+        yield  # another orbax layout: keep its defaults
+        return
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "overriding np.ndarray" warnings
+    try:
+        ocp.type_handlers.register_type_handler(
+            np.ndarray, NumpyHandler(deepcopy_host_arrays=False), override=True)
+        try:
+            yield
+        finally:
+            ocp.type_handlers.register_type_handler(np.ndarray, previous, override=True)
+    finally:
+        absl.setLevel(level)
+
+
 def write_flax(path: Path, variables: Mapping[str, Any], name: str, module, fields, fmt: str,
                extra: Mapping[str, Any] | None = None) -> None:
     """Write ``variables`` at ``path`` (which must not exist) in ``fmt``."""
     from vgg_flax import checkpoint
     if fmt == "orbax":
-        checkpoint.save(path, variables, name, module=module, extra=dict(extra or {}))
+        with _orbax_numpy_without_copy():
+            checkpoint.save(path, variables, name, module=module, extra=dict(extra or {}))
     elif fmt == "safetensors":
         meta = {"format": checkpoint.FORMAT, "name": name,
                 "overrides": json.dumps(checkpoint.module_overrides(module, name))}
@@ -762,6 +801,7 @@ class Verification:
     top5_agree: int | None            # inputs whose ordered top-5 classes agree (classifiers)
     rtol: float
     outputs: tuple[str, ...]          # compared outputs (logits, or SSD's feature maps)
+    readback: bool = False            # the written file was read back bit-identical
 
     @property
     def ok(self) -> bool:
@@ -773,7 +813,8 @@ class Verification:
         what = "logits" if self.outputs == ("logits",) else "/".join(self.outputs)
         return (f"verify: {self.inputs} inputs {self.size}x{self.size}, {what} max |diff| "
                 f"{self.max_abs:.2e}, max rel {self.max_rel:.2e} (tolerance {self.rtol:g})"
-                f"{top5}: {'OK' if self.ok else 'FAILED'}")
+                f"{top5}{'; file read back bit-identical' if self.readback else ''}: "
+                f"{'OK' if self.ok else 'FAILED'}")
 
 
 def torch_reference(name: str, module, in_channels: int = 3):
@@ -877,9 +918,12 @@ def _torch_outputs(name, module, tensors: Mapping[str, Any], x: np.ndarray, in_c
                                                                    "extra.4"))]
         if bad or result.unexpected_keys:
             raise ConversionError(f"internal: SSD reference did not take keys {bad or result.unexpected_keys}")
-    with torch.no_grad():
-        y = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
-    del model, sd
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    with torch.no_grad():  # one input at a time: activations of one image, not a batch
+        ys = [model(xt[i:i + 1]) for i in range(xt.shape[0])]
+    y = ({k: torch.cat([d[k] for d in ys]) for k in ys[0]} if isinstance(ys[0], dict)
+         else torch.cat(ys))
+    del model, sd, ys
     for t in tensors.values():  # mmapped weights: drop the pages the forward pass read
         if t.is_contiguous():
             torch_io._madvise_dontneed(t.data_ptr(), t.numel() * t.element_size())
@@ -893,30 +937,44 @@ def _torch_outputs(name, module, tensors: Mapping[str, Any], x: np.ndarray, in_c
 
 
 def _flax_outputs(module, variables, x: np.ndarray, outputs: Sequence[str]):
+    """The Flax model on ``x``, one input at a time (activations of one image, not a batch).
+
+    Leaves go to the device one by one; 64-byte-aligned host arrays (``map_to_flax``'s) are
+    used in place, others are copied and the host copy dropped.
+    """
     import jax
     import jax.numpy as jnp
-    # Move leaves to the device one by one, dropping each host copy as we go.
     flat = _flatten(variables)
-    device = _unflatten({k: None for k, _ in flat})
+    device: dict[str, Any] = {}
     for k, _ in flat:
-        node, src = device, variables
+        node, src = variables, None
         *parents, leaf = k.split("/")
         for p in parents:
-            node, src = node[p], src[p]
-        node[leaf] = jnp.asarray(src[leaf])
-        src[leaf] = None
+            node = node[p]
+        a = node[leaf]
+        aligned = isinstance(a, np.ndarray) and a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+        device[k] = jax.device_put(a, may_alias=True) if aligned else jnp.asarray(a)
+        if not aligned and isinstance(node, dict):
+            node[leaf] = None
+        del a
     del flat
-    if module.head == "ssd":
-        m = module.clone(taps=tuple(outputs))
-    else:
-        m = module
+    tree = _unflatten(device)
+    del device
+    m = module.clone(taps=tuple(outputs)) if module.head == "ssd" else module
+    fn = jax.jit(m.apply)
+    ys = []
     with jax.default_matmul_precision("highest"):
-        y = jax.jit(m.apply)(device, jnp.asarray(x))
-    if isinstance(y, dict):
-        return {k: np.asarray(v) for k, v in y.items()}
+        for i in range(x.shape[0]):
+            y = fn(tree, jnp.asarray(x[i:i + 1]))
+            ys.append({k: np.asarray(v) for k, v in y.items()} if isinstance(y, dict)
+                      else {"_": np.asarray(y)})
+    del tree
+    y = {k: np.concatenate([d[k] for d in ys]) for k in ys[0]}
+    if "_" not in y:
+        return y
     if not module.include_top:
-        return {"pool5": np.asarray(y).transpose(0, 3, 1, 2).reshape(x.shape[0], -1)}
-    return {"logits": np.asarray(y)}
+        return {"pool5": y["_"].transpose(0, 3, 1, 2).reshape(x.shape[0], -1)}
+    return {"logits": y["_"]}
 
 
 def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], rtol: float,
@@ -941,20 +999,40 @@ def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], rtol: 
 
 
 def verify(name: str, module, torch_tensors: Callable[[], Mapping[str, Any]],
-           flax_variables: Callable[[], Any], *, in_channels: int = 3,
+           flax_variables: Callable[[], Any] | None, *, in_channels: int = 3,
            images: Sequence[str | os.PathLike] = (), rtol: float = 1e-4,
-           batch: int = 4, x: np.ndarray | None = None) -> Verification:
-    """torchvision's model on ``torch_tensors()`` vs the Flax ``module`` on ``flax_variables()``,
-    run one after the other (never both models in memory) on the same inputs ``x`` (default:
-    ``verification_inputs``)."""
+           batch: int = 4, x: np.ndarray | None = None,
+           flax_out: Mapping[str, np.ndarray] | None = None) -> Verification:
+    """torchvision's model on ``torch_tensors()`` vs the Flax ``module`` on ``flax_variables()``
+    (or its outputs ``flax_out``, computed earlier), one after the other, never both models in
+    memory, on the same inputs ``x`` (default: ``verification_inputs``)."""
     import gc
     if x is None:
         x = verification_inputs(name, module, in_channels, images, batch)
     ref = _torch_outputs(name, module, torch_tensors(), x, in_channels)
     gc.collect()  # the torch model is gone before the Flax side loads
     release_memory()
-    got = _flax_outputs(module, flax_variables(), x, tuple(ref))
+    got = flax_out if flax_out is not None else _flax_outputs(module, flax_variables(), x, tuple(ref))
     return compare(ref, got, rtol, x.shape[1])
+
+
+def output_names(module) -> tuple[str, ...]:
+    """What verification compares: logits, pool5 (no classifier) or SSD's two feature maps."""
+    if module.head == "ssd":
+        return ("conv4_3_norm", "relu7")
+    return ("logits",) if module.include_top else ("pool5",)
+
+
+def digests(variables: Mapping[str, Any]) -> dict[str, str]:
+    """blake2b of every leaf's bytes (and dtype, shape): to check a written file bit for bit."""
+    import hashlib
+    out = {}
+    for k, a in _flatten(variables):
+        a = np.ascontiguousarray(np.asarray(a))
+        h = hashlib.blake2b(f"{a.dtype.name}{a.shape}".encode(), digest_size=16)
+        h.update(memoryview(a).cast("B"))
+        out[k] = h.hexdigest()
+    return out
 
 
 def _reference_tensors(prep: Prepared) -> dict[str, Any]:
@@ -968,6 +1046,37 @@ def _reference_tensors(prep: Prepared) -> dict[str, Any]:
             t = t.to(getattr(torch, prep.dtype.name))
         out[k] = t.float() if t.dtype != torch.float32 else t
     return out
+
+
+def _shapes(variables) -> dict[str, str]:
+    return {k: f"{np.dtype(a.dtype).name}{tuple(a.shape)}" for k, a in _flatten(variables)}
+
+
+def check_written(path: Path, fmt: str, name: str, fields: Mapping[str, Any],
+                  expected: Mapping[str, str]) -> None:
+    """The written file holds what was converted: safetensors/msgpack are read back and compared
+    bit for bit (``digests``); for orbax (its own, tested writer; restoring would cost twice the
+    model in memory) the checkpoint's metadata must list the same arrays, shapes and dtypes and
+    ``vgg_flax.json`` the same name."""
+    if fmt == "orbax":
+        import orbax.checkpoint as ocp
+
+        from vgg_flax import checkpoint
+        info = checkpoint.read_info(path)
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(Path(path).absolute() / "variables")  # orbax wants absolute paths
+        tree = getattr(meta, "item_metadata", meta)
+        tree = tree.tree if hasattr(tree, "tree") else tree
+        got = {k: f"{np.dtype(m.dtype).name}{tuple(m.shape)}" for k, m in _flatten(dict(tree))}
+        ok = info.get("name") == name and got == dict(expected)
+    else:
+        got = digests(read_flax(path, name, fields)[2])
+        release_memory()
+        ok = got == dict(expected)
+    if not ok:
+        bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+        raise ConversionError(f"internal error: the {fmt} output differs from the converted arrays "
+                              f"at {', '.join(bad[:4]) or 'its name'}; nothing written")
 
 
 # -- the whole jobs -----------------------------------------------------------------------------
@@ -1033,12 +1142,19 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
     try:
         with interrupt_after():
             write_flax(tmp, variables, name, prep.module, prep.fields, fmt, extra)
-        del variables  # verification reads the written file back
         release_memory()
         if verify_outputs:
-            result = verify(name, prep.module, lambda: _reference_tensors(prep),
-                            lambda: read_flax(tmp, name, prep.fields)[2],
-                            in_channels=in_channels, rtol=rtol, x=x)
+            # The Flax side on the converted arrays in place (no second copy), then the torch
+            # side once they are freed; the file is then checked against their digests.
+            flax_out = _flax_outputs(prep.module, variables, x, output_names(prep.module))
+            written = digests(variables) if fmt != "orbax" else _shapes(variables)
+        del variables
+        release_memory()
+        if verify_outputs:
+            result = verify(name, prep.module, lambda: _reference_tensors(prep), None,
+                            in_channels=in_channels, rtol=rtol, x=x, flax_out=flax_out)
+            check_written(tmp, fmt, name, prep.fields, written)
+            result.readback = fmt != "orbax"
             if not result.ok:
                 _remove(tmp)
         if result is None or result.ok:
