@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -708,7 +709,7 @@ def default_out(name: str, fmt: str) -> Path:
 @contextlib.contextmanager
 def _orbax_numpy_without_copy():
     """orbax deep-copies every numpy leaf before its (async) write, a second full copy of the
-    model in memory. ``vgg_flax.save`` waits for the write to finish and nothing touches the
+    model in memory. The save below waits for the write to finish and nothing touches the
     arrays meanwhile, so the copy buys nothing here: switch it off for the duration."""
     import logging
 
@@ -733,13 +734,35 @@ def _orbax_numpy_without_copy():
         absl.setLevel(level)
 
 
+def save_orbax(path: Path, variables: Mapping[str, Any], name: str, module,
+               extra: Mapping[str, Any] | None = None) -> None:
+    """``vgg_flax.save``'s layout (``variables/`` orbax checkpoint + ``vgg_flax.json``, read by
+    ``vgg_flax.load``) written with less memory: no host deep copy and no zstd buffers, which
+    together held about twice the model during the write (zstd gains ~nothing on weights).
+    ``path`` must not exist; the caller renames it into place."""
+    import orbax.checkpoint as ocp
+
+    from vgg_flax import checkpoint
+    path = Path(path).absolute()
+    meta = registry.metadata(name)
+    meta.pop("categories", None)  # shipped with the package, as vgg_flax.save does
+    info = {"format": checkpoint.FORMAT, "name": name,
+            "overrides": checkpoint.module_overrides(module, name), "metadata": meta,
+            **dict(extra or {})}
+    path.mkdir(parents=True)
+    arrays = {k: v for k, v in variables.items()}
+    with _orbax_numpy_without_copy():
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+            ckptr.save(path / "variables", args=ocp.args.PyTreeSave(arrays))
+    (path / "vgg_flax.json").write_text(json.dumps(info, indent=1, default=str))
+
+
 def write_flax(path: Path, variables: Mapping[str, Any], name: str, module, fields, fmt: str,
                extra: Mapping[str, Any] | None = None) -> None:
     """Write ``variables`` at ``path`` (which must not exist) in ``fmt``."""
     from vgg_flax import checkpoint
     if fmt == "orbax":
-        with _orbax_numpy_without_copy():
-            checkpoint.save(path, variables, name, module=module, extra=dict(extra or {}))
+        save_orbax(path, variables, name, module, extra)
     elif fmt == "safetensors":
         meta = {"format": checkpoint.FORMAT, "name": name,
                 "overrides": json.dumps(checkpoint.module_overrides(module, name))}
@@ -908,8 +931,12 @@ def verification_inputs(name: str, module, in_channels: int, images: Sequence[st
     return np.concatenate(xs)
 
 
-def _torch_outputs(name, module, tensors: Mapping[str, Any], x: np.ndarray, in_channels: int):
+def _torch_outputs(name, module, tensors: Mapping[str, Any], x: np.ndarray, in_channels: int,
+                   file_backed: Iterable[str] = ()):
+    """torchvision's model on ``x``; ``file_backed`` names the tensors that are memory-mapped
+    from the weights file, whose pages are handed back once used."""
     import torch
+    mapped = {tensors[k].data_ptr() for k in file_backed}
     model = torch_reference(name, module, in_channels)
     sd = OrderedDict((k, v) for k, v in tensors.items())
     result = model.load_state_dict(sd, strict=module.head != "ssd", assign=True)
@@ -918,15 +945,23 @@ def _torch_outputs(name, module, tensors: Mapping[str, Any], x: np.ndarray, in_c
                                                                    "extra.4"))]
         if bad or result.unexpected_keys:
             raise ConversionError(f"internal: SSD reference did not take keys {bad or result.unexpected_keys}")
+    def drop_pages(layer, inputs, output):
+        # Weights are memory-mapped from the file: once a layer has run, hand its pages back,
+        # so the whole model is never resident at once (they are re-read for the next input).
+        for t in list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False)):
+            if t.data_ptr() in mapped and t.is_contiguous():
+                torch_io._madvise_dontneed(t.data_ptr(), t.numel() * t.element_size())
+
+    hooks = [m.register_forward_hook(drop_pages) for m in model.modules()
+             if next(m.parameters(recurse=False), None) is not None]
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with torch.no_grad():  # one input at a time: activations of one image, not a batch
         ys = [model(xt[i:i + 1]) for i in range(xt.shape[0])]
+    for h in hooks:
+        h.remove()
     y = ({k: torch.cat([d[k] for d in ys]) for k in ys[0]} if isinstance(ys[0], dict)
          else torch.cat(ys))
     del model, sd, ys
-    for t in tensors.values():  # mmapped weights: drop the pages the forward pass read
-        if t.is_contiguous():
-            torch_io._madvise_dontneed(t.data_ptr(), t.numel() * t.element_size())
     if module.head == "ssd":
         # SSDFeatureExtractorVGG's "0" is the L2Norm-scaled relu4_3, "1" is relu7.
         return {"conv4_3_norm": y["0"].numpy().transpose(0, 2, 3, 1),
@@ -1006,10 +1041,12 @@ def verify(name: str, module, torch_tensors: Callable[[], Mapping[str, Any]],
     """torchvision's model on ``torch_tensors()`` vs the Flax ``module`` on ``flax_variables()``
     (or its outputs ``flax_out``, computed earlier), one after the other, never both models in
     memory, on the same inputs ``x`` (default: ``verification_inputs``)."""
-    import gc
     if x is None:
         x = verification_inputs(name, module, in_channels, images, batch)
-    ref = _torch_outputs(name, module, torch_tensors(), x, in_channels)
+    tensors = torch_tensors()
+    file_backed = getattr(tensors, "file_backed", ())
+    ref = _torch_outputs(name, module, tensors, x, in_channels, file_backed)
+    del tensors
     gc.collect()  # the torch model is gone before the Flax side loads
     release_memory()
     got = flax_out if flax_out is not None else _flax_outputs(module, flax_variables(), x, tuple(ref))
@@ -1039,13 +1076,23 @@ def _reference_tensors(prep: Prepared) -> dict[str, Any]:
     """The library-layout tensors as torch tensors, rounded to the output dtype and widened to
     float32 (torch's reference runs in fp32); mmapped, so no copy for float32 files."""
     import torch
-    out = {}
+    out = _TorchWeights()
     for k, v in prep.tensors.items():
         t = v.torch()
         if prep.dtype.name != "float32":
             t = t.to(getattr(torch, prep.dtype.name))
         out[k] = t.float() if t.dtype != torch.float32 else t
+        if v.mmapped and out[k] is t and v.torch() is t:
+            out.file_backed.append(k)
     return out
+
+
+class _TorchWeights(dict):
+    """name -> torch tensor, and which of them are views of the memory-mapped file."""
+
+    def __init__(self):
+        super().__init__()
+        self.file_backed: list[str] = []
 
 
 def _shapes(variables) -> dict[str, str]:
@@ -1149,6 +1196,7 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
             flax_out = _flax_outputs(prep.module, variables, x, output_names(prep.module))
             written = digests(variables) if fmt != "orbax" else _shapes(variables)
         del variables
+        gc.collect()  # jax's aliases of the arrays sit in reference cycles
         release_memory()
         if verify_outputs:
             result = verify(name, prep.module, lambda: _reference_tensors(prep), None,
@@ -1217,10 +1265,15 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
         del sd
         if verify_outputs:
             def torch_side():
-                wf = torch_io.open_weights(tmp)
-                return {k: (t.torch().float() if t.dtype.kind == "f" or t.dtype.name == "bfloat16"
-                            else t.torch()) for k, t in wf.items()
-                        if not k.endswith("num_batches_tracked")}
+                out = _TorchWeights()
+                for k, t in torch_io.open_weights(tmp).items():
+                    if k.endswith("num_batches_tracked"):
+                        continue
+                    raw = t.torch()
+                    out[k] = raw.float()
+                    if t.mmapped and out[k] is raw:
+                        out.file_backed.append(k)
+                return out
             result = verify(name, module, torch_side, lambda: read_flax(src, name, overrides)[2],
                             in_channels=in_channels, rtol=rtol, x=x)
             if not result.ok:

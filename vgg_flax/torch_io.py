@@ -46,7 +46,9 @@ class Tensor:
     """
 
     def __init__(self, shape, dtype, rows: Callable[[slice], np.ndarray],
-                 torch_fn: Callable[[], Any], release: Callable[[], None] = lambda: None):
+                 torch_fn: Callable[[], Any], release: Callable[[], None] = lambda: None,
+                 mmapped: bool = False):
+        self.mmapped = mmapped  # torch() is a view of the file's pages (releasable)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self._rows, self._torch, self._release = rows, torch_fn, release
@@ -84,7 +86,10 @@ _libc = None
 
 
 def _madvise_dontneed(addr: int, nbytes: int) -> None:
-    """MADV_DONTNEED on a clean file mapping: the pages leave RSS and are re-read on access."""
+    """MADV_DONTNEED on a clean file mapping: the pages leave RSS and are re-read on access.
+
+    Only for memory-mapped file data: on ordinary (anonymous) memory it would zero the pages.
+    """
     global _libc
     if nbytes <= 0:
         return
@@ -115,7 +120,7 @@ def _torch_tensor(t, mmapped: bool) -> Tensor:
             _madvise_dontneed(t.data_ptr(), t.numel() * t.element_size())
 
     dtype = _bf16() if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).removeprefix("torch."))
-    return Tensor(t.shape, dtype, rows, lambda: t, release)
+    return Tensor(t.shape, dtype, rows, lambda: t, release, mmapped)
 
 
 # -- .pth / .pt ---------------------------------------------------------------------------------
