@@ -216,8 +216,19 @@ def test_half_precision_weights(tmp, small, half):
     assert_tree_equal(v32, expect)
     module, kept = C.load_torch_weights("vgg11", path, progress=False, num_classes=10,
                                         overrides=over, dtype="keep")
+    import jax.numpy as jnp
     assert kept["params"]["fc8"]["kernel"].dtype.name == half
-    assert module.param_dtype == np.dtype(half) if half == "float16" else True
+    assert jnp.dtype(module.param_dtype).name == half
+    # BatchNorm statistics stay float32 whatever the parameter dtype.
+    bn = {k: v.to(getattr(torch, half)) if v.is_floating_point() else v
+          for k, v in seeded_state_dict("vgg11_bn", **SMALL).items()}
+    torch.save(bn, tmp / f"half_bn_{half}.pth")
+    _, kept_bn = C.load_torch_weights("vgg11_bn", tmp / f"half_bn_{half}.pth", progress=False,
+                                      num_classes=10, overrides=over, dtype="keep")
+    assert kept_bn["params"]["bn1_1"]["scale"].dtype.name == half
+    assert kept_bn["batch_stats"]["bn1_1"]["var"].dtype.name == "float32"
+    np.testing.assert_array_equal(kept_bn["batch_stats"]["bn1_1"]["var"],
+                                  bn["features.1.running_var"].float().numpy())
     np.testing.assert_array_equal(kept["params"]["fc8"]["kernel"].astype(np.float32),
                                   expect["params"]["fc8"]["kernel"])
     # And through the CLI with verification: torchvision's model on the same (widened) weights.
@@ -225,10 +236,8 @@ def test_half_precision_weights(tmp, small, half):
     p = cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", out, "--dtype", "keep",
             *SMALL_FLAGS, check=0)
     assert "OK" in p.stdout and f"{half} -> {half}" in p.stderr
-    m2, v2 = vgg_flax.load(out)
+    m2, v2 = vgg_flax.load(out)  # the module is rebuilt from vgg_flax.json
     assert v2["params"]["conv1_1"]["kernel"].dtype.name == half
-    assert m2.param_dtype == m2.param_dtype  # rebuilt from vgg_flax.json
-    import jax.numpy as jnp
     assert jnp.dtype(m2.param_dtype).name == half
 
 
