@@ -40,6 +40,37 @@ def _from_json(overrides: dict[str, Any]) -> dict[str, Any]:
             for k, v in overrides.items()}
 
 
+def _handler() -> ocp.PyTreeCheckpointHandler:
+    """orbax's PyTree handler set for weights: no zstd (it gains ~nothing on float weights and
+    its buffers held about the model's size again) and no host deep copy of numpy leaves before
+    the write (a second copy of the model; the writes here are synchronous and nothing touches
+    the arrays meanwhile)."""
+    th = ocp.type_handlers
+    handlers = [(np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False))]
+    for ty in (int, float, bytes, np.number, str):
+        handlers.append((ty, th.get_type_handler(ty)))
+    return ocp.PyTreeCheckpointHandler(
+        use_compression=False, type_handler_registry=th.create_type_handler_registry(*handlers))
+
+
+def write(path: str | os.PathLike, variables: Any, name: str, *, module: VGG | None = None,
+          extra: dict[str, Any] | None = None) -> Path:
+    """The checkpoint layout, written into ``path``, which must not exist (no atomicity:
+    ``save`` adds that; the converter renames after verifying)."""
+    path = Path(path).absolute()
+    module = module or registry.create(name)
+    meta = registry.metadata(name)
+    meta.pop("categories", None)  # shipped with the package; no need to copy 1000 names
+    info = {"format": FORMAT, "name": name, "overrides": module_overrides(module, name),
+            "metadata": meta, **(extra or {})}
+    path.mkdir(parents=True)
+    arrays = jax.tree.map(np.asarray, dict(variables))
+    with ocp.Checkpointer(_handler()) as ckptr:
+        ckptr.save(path / "variables", args=ocp.args.PyTreeSave(arrays))
+    (path / "vgg_flax.json").write_text(json.dumps(info, indent=1, default=str))
+    return path
+
+
 def save(path: str | os.PathLike, variables: Any, name: str, *, module: VGG | None = None,
          extra: dict[str, Any] | None = None, force: bool = False) -> Path:
     """Write ``variables`` of VGG ``name`` (built as ``module`` if given) to directory ``path``.
@@ -51,24 +82,15 @@ def save(path: str | os.PathLike, variables: Any, name: str, *, module: VGG | No
     path = Path(path).absolute()
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to overwrite it")
-    module = module or registry.create(name)
-    meta = registry.metadata(name)
-    meta.pop("categories", None)  # shipped with the package; no need to copy 1000 names
-    info = {"format": FORMAT, "name": name, "overrides": module_overrides(module, name),
-            "metadata": meta, **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        arrays = jax.tree.map(np.asarray, dict(variables))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "variables", arrays)
-        (tmp / "vgg_flax.json").write_text(json.dumps(info, indent=1, default=str))
+        write(tmp / "ckpt", variables, name, module=module, extra=extra)
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp / "ckpt", path)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -399,7 +399,7 @@ class _Shape:
 def _expected(module, tensors) -> dict[str, tuple[int, ...]]:
     from vgg_flax import weights
     shapes = {k: _Shape(v.shape) for k, v in tensors.items()}
-    return weights._expected_torch_shapes(module, weights._in_channels(shapes, module))
+    return weights.expected_torch_shapes(module, weights.in_channels_of(shapes, module))
 
 
 def suggest_overrides(tensors: Mapping[str, Tensor], name: str) -> dict[str, Any] | None:
@@ -464,7 +464,7 @@ def check_fit(tensors: Mapping[str, Tensor], name: str, module, given: Mapping[s
         what = ", ".join(f"{k}={v}" for k, v in suggestion.items())
         raise ConversionError(f"these {name} weights have other shapes ({what}, read from the "
                               f"weights): pass {_flags(suggestion)}")
-    msg = weights._mismatch_message(name, {k: _Shape(v.shape) for k, v in tensors.items()},
+    msg = weights.mismatch_message(name, {k: _Shape(v.shape) for k, v in tensors.items()},
                                     module, missing, unexpected, wrong)
     raise ConversionError(msg.replace("pass num_classes=", "pass --num-classes "))
 
@@ -500,10 +500,10 @@ def map_to_flax(tensors: Mapping[str, Tensor], module, dtype: np.dtype,
             rows = src.shape[0] if src.shape else 1
             row_bytes = max(src.nbytes // max(rows, 1), 1)
             step = max(1, _CHUNK_BYTES // row_bytes)
-            first = weights._t2f(e, np.zeros((1,) + src.shape[1:], src.dtype), module)
+            first = weights.torch_to_flax_array(e, np.zeros((1,) + src.shape[1:], src.dtype), module)
             out = empty_aligned(first.shape[:-1] + (rows,), want)
             for r0 in range(0, rows, step):
-                block = weights._t2f(e, src.rows(slice(r0, r0 + step)), module)
+                block = weights.torch_to_flax_array(e, src.rows(slice(r0, r0 + step)), module)
                 out[..., r0:r0 + step] = block.astype(want, copy=False)
                 bar.update(block.nbytes)
             src.release()
@@ -714,63 +714,12 @@ def default_out(name: str, fmt: str) -> Path:
                                   "msgpack": ".msgpack"}[fmt])
 
 
-@contextlib.contextmanager
-def _orbax_numpy_without_copy():
-    """orbax deep-copies every numpy leaf before its (async) write, a second full copy of the
-    model in memory. The save below waits for the write to finish and nothing touches the
-    arrays meanwhile, so the copy buys nothing here: switch it off for the duration."""
-    import logging
-
-    import orbax.checkpoint as ocp
-    try:
-        from orbax.checkpoint._src.serialization.type_handlers import NumpyHandler
-        previous = ocp.type_handlers.get_type_handler(np.ndarray)
-    except (ImportError, AttributeError, ValueError):
-        yield  # another orbax layout: keep its defaults
-        return
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # "overriding np.ndarray" warnings
-    try:
-        ocp.type_handlers.register_type_handler(
-            np.ndarray, NumpyHandler(deepcopy_host_arrays=False), override=True)
-        try:
-            yield
-        finally:
-            ocp.type_handlers.register_type_handler(np.ndarray, previous, override=True)
-    finally:
-        absl.setLevel(level)
-
-
-def save_orbax(path: Path, variables: Mapping[str, Any], name: str, module,
-               extra: Mapping[str, Any] | None = None) -> None:
-    """``vgg_flax.save``'s layout (``variables/`` orbax checkpoint + ``vgg_flax.json``, read by
-    ``vgg_flax.load``) written with less memory: no host deep copy and no zstd buffers, which
-    together held about twice the model during the write (zstd gains ~nothing on weights).
-    ``path`` must not exist; the caller renames it into place."""
-    import orbax.checkpoint as ocp
-
-    from vgg_flax import checkpoint
-    path = Path(path).absolute()
-    meta = registry.metadata(name)
-    meta.pop("categories", None)  # shipped with the package, as vgg_flax.save does
-    info = {"format": checkpoint.FORMAT, "name": name,
-            "overrides": checkpoint.module_overrides(module, name), "metadata": meta,
-            **dict(extra or {})}
-    path.mkdir(parents=True)
-    arrays = {k: v for k, v in variables.items()}
-    with _orbax_numpy_without_copy():
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-            ckptr.save(path / "variables", args=ocp.args.PyTreeSave(arrays))
-    (path / "vgg_flax.json").write_text(json.dumps(info, indent=1, default=str))
-
-
 def write_flax(path: Path, variables: Mapping[str, Any], name: str, module, fields, fmt: str,
                extra: Mapping[str, Any] | None = None) -> None:
     """Write ``variables`` at ``path`` (which must not exist) in ``fmt``."""
     from vgg_flax import checkpoint
     if fmt == "orbax":
-        save_orbax(path, variables, name, module, extra)
+        checkpoint.write(path, variables, name, module=module, extra=extra)
     elif fmt == "safetensors":
         meta = {"format": checkpoint.FORMAT, "name": name,
                 "overrides": json.dumps(checkpoint.module_overrides(module, name))}
@@ -1251,7 +1200,7 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
             a = np.asarray(leaf)
             if a.dtype.name not in ("float32", "float16", "bfloat16", "float64"):
                 raise ConversionError(f"{src}: {e.collection}/{'/'.join(e.path)} is {a.dtype}")
-            sd[e.torch_key] = np.ascontiguousarray(weights._f2t(e, a, module))
+            sd[e.torch_key] = np.ascontiguousarray(weights.flax_to_torch_array(e, a, module))
             del leaf, a
             if e.torch_key.endswith("running_var"):
                 sd[e.torch_key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)

@@ -96,7 +96,7 @@ def _torch_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     return flax_shape
 
 
-def _t2f(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
+def torch_to_flax_array(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
     if entry.kind == "conv":
         return w.transpose(2, 3, 1, 0)
     if entry.kind == "linear":
@@ -108,7 +108,7 @@ def _t2f(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
     return w
 
 
-def _f2t(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
+def flax_to_torch_array(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
     if entry.kind == "conv":
         return w.transpose(3, 2, 0, 1)
     if entry.kind == "linear":
@@ -130,7 +130,7 @@ def identify(state_dict: Mapping[str, Any]) -> str | None:
     shapes = {k: tuple(_shape(state_dict[k])) for k in keys}
     for name in registry.list_models():
         module = registry.create(name)
-        expected = _expected_torch_shapes(module, _in_channels(state_dict, module))
+        expected = expected_torch_shapes(module, in_channels_of(state_dict, module))
         if set(expected) != keys:
             continue
         if all(shapes[k] == s for k, s in expected.items() if not k.startswith("classifier.6")):
@@ -142,13 +142,13 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape)
 
 
-def _in_channels(state_dict: Mapping[str, Any], module: VGG) -> int:
+def in_channels_of(state_dict: Mapping[str, Any], module: VGG) -> int:
     first = torch_entries(module)[0 if module.head == "fc" or not module.l2norm else 1]
     w = state_dict.get(first.torch_key)
     return int(_shape(w)[1]) if w is not None and len(_shape(w)) == 4 else 3
 
 
-def _expected_torch_shapes(module: VGG, in_channels: int) -> dict[str, tuple[int, ...]]:
+def expected_torch_shapes(module: VGG, in_channels: int) -> dict[str, tuple[int, ...]]:
     abstract = abstract_variables(module, in_channels)
     out = {}
     for e in torch_entries(module):
@@ -168,18 +168,18 @@ def from_torch(state_dict: Mapping[str, Any], name: str | VGG, *, dtype: Any = N
     """
     module = _module(name, overrides)
     label = name if isinstance(name, str) else "the given module"
-    expected = _expected_torch_shapes(module, _in_channels(state_dict, module))
+    expected = expected_torch_shapes(module, in_channels_of(state_dict, module))
     given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     wrong = [f"{k}: got {_shape(given[k])}, expected {s}" for k, s in expected.items()
              if k in given and _shape(given[k]) != s]
     if missing or unexpected or wrong:
-        raise WeightMismatchError(_mismatch_message(label, state_dict, module, missing,
+        raise WeightMismatchError(mismatch_message(label, state_dict, module, missing,
                                                     unexpected, wrong))
     variables: dict[str, Any] = {}
     for e in torch_entries(module):
-        w = _t2f(e, _to_numpy(given[e.torch_key]), module)
+        w = torch_to_flax_array(e, _to_numpy(given[e.torch_key]), module)
         if dtype is not None:
             w = w.astype(dtype)
         variables.setdefault(e.collection, {}).setdefault(e.path[0], {})[e.path[1]] = \
@@ -187,7 +187,7 @@ def from_torch(state_dict: Mapping[str, Any], name: str | VGG, *, dtype: Any = N
     return variables
 
 
-def _mismatch_message(label, state_dict, module, missing, unexpected, wrong) -> str:
+def mismatch_message(label, state_dict, module, missing, unexpected, wrong) -> str:
     def some(items, sep=", "):
         return sep.join(items[:6]) + (" ..." if len(items) > 6 else "")
 
@@ -220,7 +220,7 @@ def to_torch(variables: Mapping[str, Any], name: str | VGG, *, as_numpy: bool = 
     try:
         for e in torch_entries(module):
             w = np.asarray(variables[e.collection][e.path[0]][e.path[1]])
-            sd[e.torch_key] = np.ascontiguousarray(_f2t(e, w, module))
+            sd[e.torch_key] = np.ascontiguousarray(flax_to_torch_array(e, w, module))
             if e.torch_key.endswith("running_var"):
                 sd[e.torch_key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
     except KeyError as err:
