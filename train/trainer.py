@@ -410,7 +410,17 @@ def warm_start(variables: dict[str, Any], path: str, layers: str = "") -> tuple[
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+def _configure_array_saving() -> None:
+    """Replica-parallel saving (each replica writes a slice of a replicated array) compiles a
+    slicing program per array shape; worth it for fc6's 400 MB, not for a 64-element bias."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=True,
+                                                  min_slice_bytes_for_replica_parallel=2 ** 24),
+        override=True)
+
+
 def checkpoint_manager(workdir: Path, config, read_only: bool = False) -> ocp.CheckpointManager:
+    _configure_array_saving()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, create=not read_only, read_only=read_only,
         enable_async_checkpointing=config.async_checkpointing, cleanup_tmp_directories=not read_only)
