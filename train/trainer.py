@@ -627,7 +627,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
         with _StopFlag() as stop:
             while step < config.total_steps:
                 if stop.agreed():
-                    save(step)
+                    if mngr.latest_step() != step:  # not already saved by the loop
+                        save(step)
                     mngr.wait_until_finished()
                     final["status"] = "preempted"
                     log.warning("SIGTERM: checkpoint saved at step %d in %s; rerun the same "
