@@ -410,6 +410,7 @@ def warm_start(variables: dict[str, Any], path: str, layers: str = "") -> tuple[
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+@functools.cache
 def _configure_array_saving() -> None:
     """Replica-parallel saving (each replica writes a slice of a replicated array) compiles a
     slicing program per array shape; worth it for fc6's 400 MB, not for a 64-element bias."""
