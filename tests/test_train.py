@@ -1,6 +1,6 @@
 """The trainer in-process (8 fake CPU devices from conftest): a real step per config on
 tfds.testing.mock_data, sharding equivalence, NaN stop, corrupt-checkpoint fallback, warm start,
-export, and every bad configuration. Tiny VGGs throughout. Budget: ~90 s on 2 cores."""
+export, and every bad configuration. Tiny VGGs throughout. Budget: ~3.5 min on 2 shared cores (compilation dominates)."""
 import json
 import logging
 import math
@@ -87,6 +87,8 @@ def test_paper_recipe_values():
         256, 0.9, 5e-4, 1e-2, 0.5, "plateau", 0.1)
     assert (c.input.scale_min, c.input.scale_max, c.input.crop_size, c.input.flip) == (256, 512, 224, True)
     assert c.input.colour_shift > 0
+    a = trainer.load_config(CONFIGS / "imagenet_vgg11.py")  # net A: same recipe, for the paper's init
+    assert a.model == "vgg11" and {**a.to_dict(), "model": "vgg16"} == c.to_dict()
 
 
 def run_steps(config, steps, tmp_path):
@@ -110,7 +112,7 @@ def _run(tmp_path, name, **kw):
 
 def test_sharding_matches_one_device(tmp_path):
     """data=4 x model=2 (fc6/fc7 tensor-parallel) and FSDP over 8 devices give one device's parameters after 3 SGD steps with BatchNorm and dropout.
-    Tolerance: 2e-5 absolute (different reduction orders across devices; parameters are O(0.1))."""
+    Tolerance: 1e-6 absolute (reduction orders differ across devices; measured ~4e-9)."""
     ref = _run(tmp_path, "one", **{"mesh.data": 1, "mesh.model": 1})
     variants = {
         "tp": {"mesh.data": 4, "mesh.model": 2},
@@ -118,8 +120,10 @@ def test_sharding_matches_one_device(tmp_path):
     }
     for name, kw in variants.items():
         got = _run(tmp_path, name, **kw)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+        print(f"\n{name}: max |param diff| vs 1 device after 3 steps = {diff:.2e}")
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
-            np.testing.assert_allclose(b, a, atol=2e-5, rtol=0, err_msg=f"{name} {path}")
+            np.testing.assert_allclose(b, a, atol=1e-6, rtol=0, err_msg=f"{name} {path}")
 
 
 def test_layouts_are_what_the_rules_say(tmp_path):

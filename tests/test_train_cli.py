@@ -1,6 +1,6 @@
 """train/train.py and train/export.py as processes: exact resume after SIGKILL, SIGTERM, a
 2-process localhost run (gloo) against a 1-process run, bad configuration, export.
-Budget: ~2 min on 2 cores (compiled programs are shared through a persistent cache)."""
+Budget: ~2.5 min on 2 shared cores (compiled programs are shared through a persistent cache)."""
 import os
 import signal
 import socket
@@ -121,7 +121,7 @@ def _free_port():
 
 def test_two_processes_equal_one_process_four_devices(env, tmp_path):
     """2 processes x 2 devices (gloo collectives) vs 1 process x 4 devices, BatchNorm and dropout
-    on, 3 steps. Tolerance 1e-5 absolute: the all-reduces sum in a different order."""
+    on, 3 steps. Tolerance 1e-6 absolute (the all-reduces sum in another order; measured ~1e-7)."""
     args = ["--config.total_steps=3", "--config.checkpoint_every_steps=3",
             "--config.eval_every_steps=3", "--config.mesh.data=4"]
     one = run(train_cmd(tmp_path / "one", *args),
@@ -143,7 +143,9 @@ def test_two_processes_equal_one_process_four_devices(env, tmp_path):
     assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
     a, _ = final_params(tmp_path / "one")
     b, _ = final_params(tmp_path / "two")
-    assert_same(a, b, atol=1e-5)
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    print(f"\n2 processes vs 1 process: max |param diff| after 3 steps = {diff:.2e}")
+    assert_same(a, b, atol=1e-6)
     final = lambda out: next(l for l in out.splitlines() if l.startswith("final:")).split(",")[1]
     assert final(one.stdout) == final(outs[0][0])  # same eval top-1
 

@@ -3,7 +3,7 @@
 Batch 256, SGD momentum 0.9, weight decay 5e-4, dropout 0.5 on fc6/fc7, learning rate 1e-2 divided
 by 10 when validation accuracy stops improving (the paper: 3 times, 370K iterations / 74 epochs),
 scale jittering S in [256, 512] with random 224x224 crops, horizontal flips, RGB colour shift.
-The paper initialised deeper nets from a trained net A: run imagenet_vgg11 first, then
+The paper initialised deeper nets from a trained net A: train imagenet_vgg11.py, export it, then
 ``--config.init_from=EXPORTED_VGG11 --config.init_from_layers=paper``.
 
     python train/train.py --config train/configs/imagenet_vgg16.py --workdir runs/vgg16 \
