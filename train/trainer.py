@@ -314,7 +314,7 @@ def make_train_step(setup: Setup):
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
         params = optax.apply_updates(params, updates)
-        gnorm, pnorm = optax.global_norm(grads), optax.global_norm(params)
+        gnorm, pnorm = optax.tree.norm(grads), optax.tree.norm(params)
         metrics = {"loss": loss, "top1": top1, "top5": top5, "grad_norm": gnorm,
                    "lr": schedule(state["step"]) * lr_scale,
                    "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(pnorm)}
