@@ -1,0 +1,283 @@
+"""The trainer in-process (8 fake CPU devices from conftest): a real step per config on
+tfds.testing.mock_data, sharding equivalence, NaN stop, corrupt-checkpoint fallback, warm start,
+export, and every bad configuration. Tiny VGGs throughout. Budget: ~3.5 min on 2 shared cores (compilation dominates)."""
+import json
+import logging
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import vgg_flax
+from train import trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "train" / "configs"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs that compile the same program (a resume, a rerun) read it from a persistent cache,
+    as a restarted job does with JAX_COMPILATION_CACHE_DIR."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    path = tmp_path_factory.getbasetemp() / "jax_cache"
+    for k, v in zip(keys, (str(path), 0.0, 0)):
+        jax.config.update(k, v)
+    cc.reset_cache()
+    yield path
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def tiny(name="digits", **kw):
+    """A config file's recipe on a tiny VGG and 32x32 crops (the recipe is what is under test)."""
+    c = trainer.load_config(CONFIGS / f"{name}.py")
+    c.model_overrides.update(width=0.125, hidden_size=16, pool_size=(1, 1))
+    c.input.update(crop_size=32, resize_size=32, scale_min=32, scale_max=40, num_threads=1,
+                   prefetch=2)
+    c.update(batch_size=16, total_steps=2, checkpoint_every_steps=2, eval_every_steps=2,
+             log_every_steps=1, eval_batch_size=40)
+    c.mesh.data, c.mesh.model = -1, 1
+    for k, v in kw.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def params_of(result):
+    return jax.tree.map(np.asarray, jax.device_get(result["state"]["params"]))
+
+
+@pytest.mark.parametrize("name", ["imagenet_vgg16", "imagenet_vgg16_bn"])
+def test_one_real_step_per_config(name, tmp_path):
+    c = tiny(name, total_steps=1, eval_every_steps=1, checkpoint_every_steps=1)
+    with tfds.testing.mock_data(num_examples=40):
+        result = trainer.train_and_evaluate(c, tmp_path)
+    assert result["status"] == "done" and result["step"] == 1
+    assert result["eval_examples"] == 40
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_row = next(r for r in rows if "loss" in r)
+    eval_row = next(r for r in rows if "eval_top1" in r)
+    assert train_row["step"] == 1 and math.isfinite(train_row["loss"])
+    assert 0 <= eval_row["eval_top1"] <= eval_row["eval_top5"] <= 1
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    # the recipe is really the config's
+    full = trainer.load_config(CONFIGS / f"{name}.py")
+    assert result["state"]["params"]["fc8"]["kernel"].shape[-1] == 1000
+    if name == "imagenet_vgg16_bn":
+        assert full.compute_dtype == "bfloat16" and full.label_smoothing == 0.1
+
+
+def test_paper_recipe_values():
+    c = trainer.load_config(CONFIGS / "imagenet_vgg16.py")
+    assert (c.batch_size, c.optimizer.momentum, c.optimizer.weight_decay, c.learning_rate,
+            c.model_overrides.dropout_rate, c.schedule.name, c.schedule.plateau_factor) == (
+        256, 0.9, 5e-4, 1e-2, 0.5, "plateau", 0.1)
+    assert (c.input.scale_min, c.input.scale_max, c.input.crop_size, c.input.flip) == (256, 512, 224, True)
+    assert c.input.colour_shift > 0
+    a = trainer.load_config(CONFIGS / "imagenet_vgg11.py")  # net A: same recipe, for the paper's init
+    assert a.model == "vgg11" and {**a.to_dict(), "model": "vgg16"} == c.to_dict()
+
+
+def run_steps(config, steps, tmp_path):
+    """The trainer's own pieces (prepare, sharded init, donated train step, per-process input),
+    without evaluation or checkpoints: the parameters after ``steps`` updates."""
+    setup, train_src, _ = trainer.prepare(config, tmp_path)
+    state = jax.jit(setup.init, out_shardings=setup.shardings)(jax.random.key(setup.config.seed))
+    step = trainer.make_train_step(setup)
+    data = iter(trainer.input_pipeline.train_dataset(setup.config, train_src, 0, 1))
+    for _ in range(steps):
+        state, metrics = step(state, trainer.global_batch(setup, next(data)), np.float32(1.0))
+        assert metrics["finite"]
+    return jax.tree.map(np.asarray, jax.device_get(state["params"]))
+
+
+def _run(tmp_path, name, **kw):
+    c = tiny("digits", model="vgg11_bn", **kw)
+    c.model_overrides.dropout_rate = 0.5
+    return run_steps(c, 3, tmp_path / name)
+
+
+def test_sharding_matches_one_device(tmp_path):
+    """data=4 x model=2 (fc6/fc7 tensor-parallel) and FSDP over 8 devices give one device's parameters after 3 SGD steps with BatchNorm and dropout.
+    Tolerance: 1e-6 absolute (reduction orders differ across devices; measured ~4e-9)."""
+    ref = _run(tmp_path, "one", **{"mesh.data": 1, "mesh.model": 1})
+    variants = {
+        "tp": {"mesh.data": 4, "mesh.model": 2},
+        "fsdp": {"mesh.data": 8, "mesh.model": 1, "sharding.fsdp": True, "sharding.fsdp_min_size": 1},
+    }
+    for name, kw in variants.items():
+        got = _run(tmp_path, name, **kw)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+        print(f"\n{name}: max |param diff| vs 1 device after 3 steps = {diff:.2e}")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(b, a, atol=1e-6, rtol=0, err_msg=f"{name} {path}")
+
+
+def test_layouts_are_what_the_rules_say(tmp_path):
+    from train import sharding
+    c = trainer.resolved(tiny("digits", **{"mesh.data": 4, "mesh.model": 2, "sharding.fsdp": True,
+                                           "sharding.fsdp_min_size": 1}))
+    setup, _, _ = trainer.prepare(c, tmp_path)
+    p = setup.shardings["params"]
+    assert p["fc6"]["kernel"].spec == jax.sharding.PartitionSpec("data", "model")
+    assert p["fc7"]["kernel"].spec == jax.sharding.PartitionSpec("model", "data")
+    assert p["conv1_1"]["kernel"].spec[-1] == "data"
+    mom = setup.shardings["opt_state"][1][0].trace  # sgd momentum follows its parameter
+    assert mom["fc6"]["kernel"].spec == p["fc6"]["kernel"].spec
+    assert sharding.mesh_shape(-1, 2, 8) == (4, 2)
+
+
+def test_fsdp_divides_state_memory():
+    """XLA's memory analysis of the sharded init: FSDP over 8 devices keeps ~1/8 of the state
+    (params + momentum) per device. (train/memory_report.py prints the VGG-16 figures.)"""
+    c = tiny("digits", model="vgg11", **{"mesh.data": 8, "sharding.fsdp_min_size": 1})
+    c.model_overrides.hidden_size = 256
+    rep = trainer.state_memory(c, num_classes=10, channels=1)
+    c.sharding.fsdp = True
+    fsdp = trainer.state_memory(c, num_classes=10, channels=1)
+    assert rep["per_device_output_bytes"] >= rep["state_bytes_total"]
+    assert fsdp["per_device_output_bytes"] < rep["state_bytes_total"] / 8 * 1.1
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """Without BatchNorm or dropout, 4 micro-batches give the full batch's update (fp32 sums)."""
+    def run(name, accum):
+        c = tiny("digits", model="vgg11", grad_accum_steps=accum, batch_size=32)
+        c.model_overrides.dropout_rate = 0.0
+        return run_steps(c, 2, tmp_path / name)
+    a, b = run("full", 1), run("accum", 4)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(y, x, atol=1e-5, rtol=0)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    """Warmup from 0 to lr 1e12: step 1 is fine (lr 0) and checkpointed, then it explodes."""
+    c = tiny("digits", total_steps=40, checkpoint_every_steps=1, eval_every_steps=100,
+             learning_rate=1e12)
+    with pytest.raises(trainer.TrainingDiverged, match="not finite at step") as e:
+        trainer.train_and_evaluate(c, tmp_path)
+    bad = int(str(e.value).split("not finite at step ")[1].split(":")[0])
+    assert "\n" not in str(e.value) and f"the last good checkpoint is step {bad - 1}" in str(e.value)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == bad - 1
+    _, _, v, _ = trainer.restore_variables(tmp_path)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(v))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step digits run (checkpoints at 2 and 4) shared by the resume-side tests."""
+    workdir = tmp_path_factory.mktemp("trained")
+    result = trainer.train_and_evaluate(tiny("digits", total_steps=4), workdir)
+    return workdir, result
+
+
+def test_run_writes_metrics_events_plot_checkpoints(trained):
+    workdir, result = trained
+    assert result["status"] == "done" and result["step"] == 4 and result["eval_examples"] == 360
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert {"loss", "top1", "top5", "lr", "img_per_s"} <= set(rows[0])
+    assert [r["step"] for r in rows if "eval_top1" in r] == [2, 4]
+    assert list(workdir.glob("events.out.tfevents.*"))
+    assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_corrupt_latest_checkpoint_falls_back(trained, tmp_path, caplog):
+    """Step 4's arrays damaged: warn, restore step 2, retrain to 4 -> the same parameters."""
+    src, reference = trained
+    import shutil
+    shutil.copytree(src, tmp_path / "run")
+    damaged = 0
+    for f in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage")
+            damaged += 1
+    assert damaged
+    with caplog.at_level(logging.INFO, logger="vgg_flax.train"):
+        result = trainer.train_and_evaluate(tiny("digits", total_steps=4), tmp_path / "run")
+    assert "checkpoint step 4" in caplog.text and "falling back" in caplog.text
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert result["step"] == 4 and list((tmp_path / "run" / "corrupt_checkpoints").iterdir())
+    for a, b in zip(jax.tree.leaves(params_of(reference)), jax.tree.leaves(params_of(result))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_export_and_warm_start(trained, tmp_path, caplog):
+    workdir, result = trained
+    out = trainer.export(workdir, tmp_path / "exported")
+    module, variables = vgg_flax.load(out)
+    trained_state = jax.device_get(result["state"])
+    for a, b in zip(jax.tree.leaves(trained_state["params"]), jax.tree.leaves(variables["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(trained_state["batch_stats"]),
+                    jax.tree.leaves(variables["batch_stats"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x = np.zeros((2, 32, 32, 1), np.float32)
+    assert module.apply(variables, x).shape == (2, 10)
+    with pytest.raises(FileExistsError):
+        trainer.export(workdir, out)
+    # fine-tuning to another label set: fc8 re-initialised, everything else copied
+    fresh = jax.device_get(dict(module.clone(num_classes=7).init(jax.random.key(1), x)))
+    warm, notes = trainer.warm_start(fresh, str(out))
+    assert any("fc8 re-initialised" in n for n in notes)
+    np.testing.assert_array_equal(warm["params"]["fc7"]["kernel"], variables["params"]["fc7"]["kernel"])
+    np.testing.assert_array_equal(warm["params"]["fc8"]["kernel"], fresh["params"]["fc8"]["kernel"])
+    # the paper's deeper-net init: vgg11's conv1_1, conv2_1, conv3_1, conv3_2 and FCs into vgg13
+    deep = vgg_flax.create("vgg13_bn", num_classes=10, width=0.125, hidden_size=16, pool_size=(1, 1))
+    dv = jax.device_get(dict(deep.init(jax.random.key(0), x)))
+    warm, _ = trainer.warm_start(dv, str(out), "paper")
+    for layer in trainer.PAPER_INIT_LAYERS:
+        np.testing.assert_array_equal(warm["params"][layer]["kernel"], variables["params"][layer]["kernel"])
+    np.testing.assert_array_equal(warm["params"]["conv1_2"]["kernel"], dv["params"]["conv1_2"]["kernel"])
+    with pytest.raises(trainer.ConfigError, match="conv1_2"):
+        trainer.warm_start(dv, str(out), "conv1_2")
+    # through the trainer: the warmup's first learning rate is 0, so step 1 holds the export
+    with caplog.at_level(logging.INFO, logger="vgg_flax.train"):
+        trainer.train_and_evaluate(tiny("digits", total_steps=4, checkpoint_every_steps=1, keep_checkpoints=5,
+                                        init_from=str(out)), tmp_path / "warm")
+    assert "warm start from" in caplog.text
+    _, _, v1, _ = trainer.restore_variables(tmp_path / "warm", step=1)
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(v1["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "vgg17"}, "unknown model 'vgg17'"),
+    ({"dataset": "no_such_dataset"}, "unknown dataset 'no_such_dataset'"),
+    ({"batch_size": 18}, "batch_size 18 is not divisible by mesh.data=8"),
+    ({"mesh.data": 8, "mesh.model": 2}, "does not fit the 8 available device"),
+    ({"dataset": "imagenet2012", "manual_dir": "/nonexistent/tars"}, "manual_dir /nonexistent/tars does not exist"),
+    ({"schedule.name": "linear"}, "unknown schedule.name"),
+    ({"grad_accum_steps": 3}, "not divisible by mesh.data=8 x grad_accum_steps=3"),
+    ({"init_from": "/nonexistent"}, "is not a vgg_flax checkpoint"),
+    ({"input.crop_size": 16, "input.scale_min": 16, "input.resize_size": 16}, "below vgg11_bn's minimum input 32"),
+])
+def test_bad_config_fails_before_compiling(change, message, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
+    with pytest.raises(trainer.ConfigError, match=message) as e:
+        trainer.train_and_evaluate(tiny("digits", **change), tmp_path)
+    assert "\n" not in str(e.value) and not compiled
+
+
+def test_imagenet_without_manual_dir_is_one_line(tmp_path):
+    """Not prepared, no archives given: one line that says where to put them."""
+    c = tiny("imagenet_vgg16", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(trainer.ConfigError, match="--config.manual_dir") as e:
+        trainer.prepare(c, tmp_path)
+    assert "\n" not in str(e.value)
