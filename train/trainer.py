@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import vgg_flax
+from vgg_flax import perf
 from train import input_pipeline, sharding
 
 log = logging.getLogger("vgg_flax.train")
@@ -324,7 +325,8 @@ def make_train_step(setup: Setup):
 
     replicated = NamedSharding(setup.mesh, P())
     return jax.jit(step_fn, in_shardings=(setup.shardings, batch_sh, replicated),
-                   out_shardings=(setup.shardings, replicated), donate_argnums=0)
+                   out_shardings=(setup.shardings, replicated), donate_argnums=0,
+                   compiler_options=perf.compiler_options())
 
 
 def make_eval_step(setup: Setup):
@@ -345,7 +347,8 @@ def make_eval_step(setup: Setup):
     shard = {k: v for k, v in setup.shardings.items() if k in ("params", "batch_stats", "step")}
     return jax.jit(lambda s, b: eval_fn(s, b),
                    in_shardings=(shard, NamedSharding(setup.mesh, P("data"))),
-                   out_shardings=NamedSharding(setup.mesh, P()))
+                   out_shardings=NamedSharding(setup.mesh, P()),
+                   compiler_options=perf.compiler_options())
 
 
 def global_batch(setup: Setup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -752,3 +755,51 @@ def state_memory(config, num_classes: int = 1000, channels: int = 3) -> dict[str
     return {"devices": data * model, "state_bytes_total": total,
             "per_device_output_bytes": mem.output_size_in_bytes,
             "per_device_temp_bytes": mem.temp_size_in_bytes}
+
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective produces per device in a compiled (SPMD) HLO module.
+
+    Counts the result shape of every collective op (its start op for async pairs), which is what
+    crosses the interconnect for all-gather/all-to-all and what is reduced for all-reduce.
+    """
+    import re
+    sizes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u8": 1,
+             "pred": 1, "s8": 1}
+    out = {k: 0 for k in _COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = re.search(r"= (.+?) (" + "|".join(_COLLECTIVES) + r")(-start)?\(", line)
+        if not m or "-done(" in line:
+            continue
+        for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1)):
+            if dt in sizes:
+                out[m.group(2)] += sizes[dt] * math.prod(int(d) for d in dims.split(",") if d)
+    return out
+
+
+def step_memory(config, batch_size: int, num_classes: int = 1000,
+                channels: int = 3) -> dict[str, float]:
+    """Per-device memory and communication of one compiled training step (nothing runs).
+
+    ``argument``: the sharded state and batch; ``temp``: activations, gradients and XLA's
+    scratch; ``collectives``: bytes per collective kind per device per step.
+    """
+    config = resolved(config)
+    data, model = sharding.mesh_shape(config.mesh.data, config.mesh.model, jax.device_count())
+    mesh = sharding.make_mesh(data, model)
+    setup = Setup(config, input_pipeline.DatasetInfo(num_classes, channels, 0, 0), mesh)
+    size = config.input.crop_size
+    batch_sh = NamedSharding(mesh, P("data"))
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.uint8,
+                                           sharding=batch_sh),
+             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh)}
+    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+    compiled = make_train_step(setup).lower(setup.abstract_sharded, batch, lr).compile()
+    mem = compiled.memory_analysis()
+    return {"devices": data * model, "argument_bytes": mem.argument_size_in_bytes,
+            "temp_bytes": mem.temp_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+            "alias_bytes": mem.alias_size_in_bytes,
+            "collectives": collective_bytes(compiled.as_text())}
