@@ -1195,15 +1195,12 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
     # Convert leaf by leaf, dropping each Flax array once its torch copy exists.
     sd: OrderedDict[str, np.ndarray] = OrderedDict()
     try:
-        for e in weights.torch_entries(module):
-            leaf = variables[e.collection][e.path[0]].pop(e.path[1])
-            a = np.asarray(leaf)
-            if a.dtype.name not in ("float32", "float16", "bfloat16", "float64"):
-                raise ConversionError(f"{src}: {e.collection}/{'/'.join(e.path)} is {a.dtype}")
-            sd[e.torch_key] = np.ascontiguousarray(weights.flax_to_torch_array(e, a, module))
-            del leaf, a
-            if e.torch_key.endswith("running_var"):
-                sd[e.torch_key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+        for key, a in weights.iter_torch_arrays(variables, module, consume=True):
+            if not key.endswith("num_batches_tracked") and \
+                    a.dtype.name not in ("float32", "float16", "bfloat16", "float64"):
+                raise ConversionError(f"{src}: {key} is {a.dtype}")
+            sd[key] = a
+            del a
     except KeyError as err:
         raise ConversionError(f"{src} lacks {err} needed by {name}; was it written for another "
                               "VGG variant?") from None

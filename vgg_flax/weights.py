@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -208,6 +208,23 @@ def mismatch_message(label, state_dict, module, missing, unexpected, wrong) -> s
     return head + ": " + "; ".join(parts)
 
 
+def iter_torch_arrays(variables: Mapping[str, Any], module: VGG, *, consume: bool = False
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+    """(torch key, numpy array) pairs of ``module``'s state_dict, in torch's order.
+
+    ``consume=True`` removes each Flax leaf from ``variables`` once converted, so a caller that
+    drops the arrays it is given never holds the model twice. BatchNorm's
+    ``num_batches_tracked`` (not kept in Flax) comes back as 0. KeyError if a leaf is missing.
+    """
+    for e in torch_entries(module):
+        layer = variables[e.collection][e.path[0]]
+        leaf = layer.pop(e.path[1]) if consume else layer[e.path[1]]
+        yield e.torch_key, np.ascontiguousarray(flax_to_torch_array(e, np.asarray(leaf), module))
+        del leaf
+        if e.torch_key.endswith("running_var"):
+            yield e.torch_key[: -len("running_var")] + "num_batches_tracked", np.array(0, np.int64)
+
+
 def to_torch(variables: Mapping[str, Any], name: str | VGG, *, as_numpy: bool = False,
              **overrides: Any) -> "OrderedDict[str, Any]":
     """Flax variables -> torch state_dict that torchvision's module loads with strict=True.
@@ -216,13 +233,8 @@ def to_torch(variables: Mapping[str, Any], name: str | VGG, *, as_numpy: bool = 
     tensors, or numpy arrays with ``as_numpy=True`` (no torch needed).
     """
     module = _module(name, overrides)
-    sd: OrderedDict[str, Any] = OrderedDict()
     try:
-        for e in torch_entries(module):
-            w = np.asarray(variables[e.collection][e.path[0]][e.path[1]])
-            sd[e.torch_key] = np.ascontiguousarray(flax_to_torch_array(e, w, module))
-            if e.torch_key.endswith("running_var"):
-                sd[e.torch_key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+        sd: OrderedDict[str, Any] = OrderedDict(iter_torch_arrays(variables, module))
     except KeyError as err:
         raise WeightMismatchError(f"variables lack {err} needed by {name}: were they made for "
                                   "another VGG variant or with other overrides?") from None
