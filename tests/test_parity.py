@@ -190,3 +190,70 @@ def test_gflops_match_torchvision(name):
     xla = jax.jit(model.apply).lower(abstract_variables(model), x).compile().cost_analysis()["flops"]
     expected = tv_gflops * 1e9 - padding_macs
     assert abs(xla / 2 - expected) <= 0.01 * expected, (xla / 2e9, expected / 1e9)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_forward_and_gradient_equal_torch(ceil_mode, dtype):
+    """The reshape pool and its custom gradient against torch's max_pool2d, bit for bit.
+
+    Small integers after a ReLU make most windows tie (all zeros, or repeated values): torch
+    sends the gradient to the first maximum in row-major window order, and so must we.
+    """
+    from vgg_flax.model import max_pool_2x2
+    g = torch.Generator().manual_seed(0)
+    tdtype = torch.float32 if dtype == jnp.float32 else torch.bfloat16
+    for h, w in [(8, 8), (7, 9), (5, 6), (1, 3)]:
+        if (h < 2 or w < 2) and not ceil_mode:
+            continue
+        x = torch.randint(-2, 3, (2, 3, h, w), generator=g).to(tdtype).relu().requires_grad_()
+        y = torch.nn.functional.max_pool2d(x, 2, 2, ceil_mode=ceil_mode)
+        dy = torch.randn(y.shape, generator=g).to(tdtype)
+        y.backward(dy)
+        out, vjp = jax.vjp(lambda a: max_pool_2x2(a, ceil_mode), jnp.asarray(nhwc(x.detach().float()), dtype))
+        (dx,) = vjp(jnp.asarray(nhwc(dy.float()), dtype))
+        np.testing.assert_array_equal(np.asarray(out, np.float32), nhwc(y.detach().float()))
+        np.testing.assert_array_equal(np.asarray(dx, np.float32), nhwc(x.grad.float()))
+
+
+def test_training_gradients_equal_torchvision():
+    """d(loss)/d(every parameter) of a training-mode step equals torchvision's autograd.
+
+    vgg11_bn in train mode (batch statistics), dropout off so both sides compute the same
+    function; loss = sum(logits * fixed weights). Tolerance per tensor: max |diff| <= 1e-4 *
+    max |torch grad|, matmul precision "highest".
+    """
+    name = "vgg11_bn"
+    tm = torchvision_vgg(name, seed=3)
+    for m in tm.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tm.train()
+    variables = vgg_flax.from_torch(tm.state_dict(), name)
+    model = vgg_flax.create(name, dropout_rate=0.0)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    wts = torch.randn(2, 1000, generator=g)
+    (tm(x) * wts).sum().backward()
+    ref = vgg_flax.from_torch({k: (p.grad if p.grad is not None else p)
+                               for k, p in {**dict(tm.named_buffers()),
+                                            **dict(tm.named_parameters())}.items()}, name)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, jnp.asarray(nhwc(x)),
+                                train=True, mutable=["batch_stats"])
+        return (logits * jnp.asarray(wts.numpy())).sum()
+
+    with jax.default_matmul_precision("highest"):
+        grads = jax.jit(jax.grad(loss), compiler_options=perf.compiler_options())(
+            variables["params"])
+    for layer, got in grads.items():
+        for leaf, g_ in got.items():
+            what = f"{name} grad {layer}.{leaf}"
+            if layer.startswith("conv") and leaf == "bias":
+                # A bias followed by training-mode BN is cancelled by the mean subtraction:
+                # its true gradient is 0, and both sides return rounding noise around it.
+                scale = np.abs(np.asarray(ref["params"][layer]["kernel"])).max()
+                assert np.abs(np.asarray(g_)).max() <= RTOL * scale, what
+                continue
+            assert_close(g_, ref["params"][layer][leaf], what)

@@ -96,6 +96,49 @@ def adaptive_avg_pool(x: Array, out_hw: Sequence[int]) -> Array:
     return x
 
 
+@jax.custom_vjp
+def _max_pool_2x2(x: Array) -> Array:
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x: Array):
+    y = _max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_2x2_bwd(res, g: Array):
+    # The gradient goes to the first maximum of each window in row-major order, as torch's
+    # max_pool2d and XLA's select-and-scatter do (ties are common after a ReLU: all-zero windows).
+    x, y = res
+    n, h, w, c = x.shape
+    x6 = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    pos = (lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) * 2
+           + lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 4))
+    first = jnp.min(jnp.where(x6 == y[:, :, None, :, None], pos, 4), axis=(2, 4), keepdims=True)
+    dx = jnp.where(pos == first, g[:, :, None, :, None], jnp.zeros((), g.dtype))
+    return (dx.reshape(x.shape),)
+
+
+_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
+def max_pool_2x2(x: Array, ceil_mode: bool = False) -> Array:
+    """``F.max_pool2d(x, 2, 2, ceil_mode=...)`` on NHWC, forward and gradient equal to torch's.
+
+    Written as a reshape and a max rather than ``lax.reduce_window``: on XLA:CPU the gradient of
+    a reduce-window pool is a select-and-scatter that computes window argmaxes with iota
+    operands; this one is three element-wise passes, 3.6x faster for VGG's pool1 backward
+    (README, "Performance"). Odd sizes drop the last row/column (floor) or pad it with -inf (ceil).
+    """
+    n, h, w, c = x.shape
+    if ceil_mode:
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    else:
+        x = x[:, : h - h % 2, : w - w % 2]
+    return _max_pool_2x2(x)
+
+
 class L2Norm(nn.Module):
     """SSD's L2Norm: per-position channel L2 normalisation times a learnable per-channel scale."""
     init_scale: float = 20.0
@@ -140,8 +183,11 @@ class FC(nn.Module):
                                          precision=self.precision)
         else:
             y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                                precision=self.precision)
-        return y + bias
+                                precision=self.precision,
+                                # float32 accumulation: XLA:CPU runs a bf16 x bf16 -> f32 dot
+                                # natively, but upcasts a bf16 -> bf16 dot to f32 operands.
+                                preferred_element_type=jnp.float32)
+        return (y + bias).astype(self.dtype)
 
 
 class VGG(nn.Module):
@@ -272,10 +318,7 @@ class VGG(nn.Module):
         if kind == "pool":
             if layer.pool == "3x3s1":
                 return nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
-            if layer.pool == "ceil":
-                return nn.max_pool(x, (2, 2), (2, 2),
-                                   padding=((0, x.shape[1] % 2), (0, x.shape[2] % 2)))
-            return nn.max_pool(x, (2, 2), (2, 2))
+            return max_pool_2x2(x, ceil_mode=layer.pool == "ceil")
         if kind == "dropout":
             return nn.Dropout(self.dropout_rate, deterministic=not train, name=layer.name)(x)
         if kind == "fc":
