@@ -283,6 +283,7 @@ def main(argv=None) -> int:
 
     import jax
     import vgg_flax
+    from vgg_flax import perf
     if args.model not in vgg_flax.list_models() or vgg_flax.metadata(args.model)["head"] != "fc":
         p.error(f"--model must be a classifier, one of {', '.join(vgg_flax.list_models()[:10])}")
     try:
@@ -296,7 +297,8 @@ def main(argv=None) -> int:
 
     machine = dict(platform=platform.platform(), processor=_cpu_name(), cores=os.cpu_count(),
                    jax=jax.__version__, backend=jax.default_backend(), device=args.device,
-                   torch=None if args.no_torch else __import__("torch").__version__)
+                   torch=None if args.no_torch else __import__("torch").__version__,
+                   host_malloc="tuned" if perf.host_malloc_tuned() else "default")
     print("machine:", json.dumps(machine), flush=True)
     rows = []
     for dtype in args.dtype:
@@ -330,4 +332,6 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
+    from vgg_flax import perf
+    perf.exec_with_tuned_host_malloc()  # for both frameworks alike: VGG_FLAX_MALLOC=default to compare untuned
     sys.exit(main())
