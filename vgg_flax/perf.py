@@ -82,7 +82,7 @@ def exec_with_tuned_host_malloc() -> None:
     """Restart the running command line (same PID) with ``HOST_MALLOC_ENV`` set.
 
     glibc reads these settings only at start-up, so a command-line tool calls this first thing,
-    before importing JAX or torch. Nothing happens when they are already set, off glibc, or with
+    before doing any work (what it imported before is discarded with the process). Nothing happens when they are already set, off glibc, or with
     ``VGG_FLAX_MALLOC=default`` in the environment. Never call it from a library or a test process:
     it replaces the process.
     """
