@@ -362,6 +362,14 @@ def test_ssd_from_classifier_decimation(vgg16_full):
     np.testing.assert_array_equal(c7[:, :, 0, 0], conv7)
 
 
+def torch_home_with(home, filename, path):
+    """A TORCH_HOME whose hub cache holds ``path`` under torchvision's file name for a weights enum."""
+    cache = home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / filename).symlink_to(path)
+    return home
+
+
 # -- full-size vgg16: default weights from torchvision's cache, round trip -----------------------
 def test_vgg16_default_weights_round_trip(tmp, vgg16_full):
     """``torch_to_flax.py vgg16`` with torchvision's IMAGENET1K_V1 found in the hub cache (our
@@ -369,10 +377,7 @@ def test_vgg16_default_weights_round_trip(tmp, vgg16_full):
     torchvision's vgg16 loads it with strict=True and every tensor is bit-identical."""
     from PIL import Image
     path, sd = vgg16_full
-    home = tmp / "torch_home"
-    cache = home / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    (cache / "vgg16-397923af.pth").symlink_to(path)
+    home = torch_home_with(tmp / "torch_home", "vgg16-397923af.pth", path)
     img = tmp / "photo.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(img)
@@ -396,12 +401,9 @@ def test_ssd_default_features_weights(tmp, vgg16_full):
     """vgg16_ssd's default is torchvision's IMAGENET1K_FEATURES (a vgg16 file whose classifier
     is not valid): features taken, conv6/conv7 initialised as ssd300_vgg16 does, with notes."""
     path, sd = vgg16_full
-    home = tmp / "torch_home_ssd"
-    cache = home / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
     # A vgg16 file under the features weights' name; its classifier is ignored, as torchvision's
     # is not valid in the real file.
-    (cache / "vgg16_features-amdegroot-88682ab5.pth").symlink_to(path)
+    home = torch_home_with(tmp / "torch_home_ssd", "vgg16_features-amdegroot-88682ab5.pth", path)
     out = tmp / "ssd_default"
     p = run(T2F, "vgg16_ssd", "--out", out, "--verify-batch", "1", check=0, TORCH_HOME=str(home))
     assert "IMAGENET1K_FEATURES" in p.stdout and "Xavier" in p.stderr and "OK" in p.stdout

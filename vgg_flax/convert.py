@@ -697,6 +697,14 @@ def commit(tmp: Path, out: Path, force: bool) -> None:
         os.rename(tmp, out)
 
 
+def settle(tmp: Path, out: Path, force: bool, result: Any) -> None:
+    """Commit the temporary output to ``out``, unless its verification failed: then delete it."""
+    if result is not None and not result.ok:
+        _remove(tmp)
+    else:
+        commit(tmp, out, force)
+
+
 def format_for(out: Path | None, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
@@ -1160,10 +1168,7 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
                             in_channels=in_channels, rtol=rtol, x=x, flax_out=flax_out)
             check_written(tmp, fmt, name, prep.fields, written)
             result.readback = fmt != "orbax"
-            if not result.ok:
-                _remove(tmp)
-        if result is None or result.ok:
-            commit(tmp, out_path, force)
+        settle(tmp, out_path, force, result)
     except BaseException:
         _remove(tmp)
         raise
@@ -1230,10 +1235,7 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
                 return out
             result = verify(name, module, torch_side, lambda: read_flax(src, name, overrides)[2],
                             in_channels=in_channels, rtol=rtol, x=x)
-            if not result.ok:
-                _remove(tmp)
-        if result is None or result.ok:
-            commit(tmp, out_path, force)
+        settle(tmp, out_path, force, result)
     except BaseException:
         _remove(tmp)
         raise
