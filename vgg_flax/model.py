@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vgg_flax import arch
+from vgg_flax import arch, perf
 
 Array = jax.Array
 
@@ -307,6 +307,7 @@ class VGG(nn.Module):
             return nn.Conv(layer.features, (layer.kernel, layer.kernel), padding=((p, p), (p, p)),
                            kernel_dilation=(d, d), kernel_init=init, dtype=self.dtype,
                            param_dtype=self.param_dtype, precision=self.precision,
+                           conv_general_dilated=perf.conv_general_dilated(),
                            name=layer.name)(x)
         if kind == "bn":
             return BatchNorm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype,

@@ -50,6 +50,81 @@ def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
     return None
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv3x3_taps(x, w):
+    # y = sum over the nine taps of shift(x) @ w[i, j], as bf16 x bf16 -> f32 matmuls.
+    n, h, wd, c = x.shape
+    xp = jax.numpy.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    acc = None
+    for i in range(3):
+        for j in range(3):
+            d = jax.numpy.dot(xp[:, i:i + h, j:j + wd, :].reshape(-1, c), w[i, j],
+                              preferred_element_type=jax.numpy.float32)
+            acc = d if acc is None else acc + d
+    return acc.astype(x.dtype).reshape(n, h, wd, -1)
+
+
+def _conv3x3(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def conv3x3_bf16_matmuls(x, w):
+    """A 3x3, stride 1, pad 1 NHWC convolution of bf16 operands as nine matmuls.
+
+    XLA:CPU has no bf16 convolution (it converts to f32 and runs the f32 kernel), but it runs
+    bf16 x bf16 -> f32 matmuls natively. The gradient is XLA's own convolution gradient: written
+    as matmuls too it was slower (shifted-slice transposes), README "Performance".
+    """
+    return _conv3x3_taps(x, w)
+
+
+def _taps_fwd(x, w):
+    return _conv3x3_taps(x, w), (x, w)
+
+
+def _taps_bwd(res, g):
+    return jax.vjp(_conv3x3, *res)[1](g)
+
+
+conv3x3_bf16_matmuls.defvjp(_taps_fwd, _taps_bwd)
+
+# Measured per layer (benchmarks/layers.py shapes, batch 8): the nine matmuls beat XLA's
+# convolution from 112x112 maps down and with at least 64 input channels; on 224x224 maps
+# building the shifted operands costs more than the matmuls save.
+_TAPS_MAX_HW, _TAPS_MIN_CIN = 112, 64
+
+
+def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                             precision=None, **kwargs):
+    """``lax.conv_general_dilated`` that sends VGG's bf16 3x3 convolutions to the matmul form.
+
+    For ``flax.linen.Conv(conv_general_dilated=...)``. Everything else (other dtypes, strides,
+    dilations, kernel sizes, small channel counts, 224x224 maps) goes to ``lax`` unchanged.
+    """
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    if (lhs.dtype == rhs.dtype == jax.numpy.bfloat16 and rhs.shape[:2] == (3, 3)
+            and tuple(window_strides) == (1, 1)
+            and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+            and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
+            and feature_group_count == 1 and not kwargs and dimension_numbers == nhwc
+            and max(lhs.shape[1:3]) <= _TAPS_MAX_HW and lhs.shape[3] >= _TAPS_MIN_CIN):
+        return conv3x3_bf16_matmuls(lhs, rhs)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        precision=precision, **kwargs)
+
+
+def conv_general_dilated(backend: str | None = None):
+    """The convolution vgg_flax's modules use on ``backend``: None means ``lax``'s own."""
+    if (backend or jax.default_backend()) == "cpu":
+        return cpu_conv_general_dilated
+    return None
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     """Keep compiled programs on disk so a second process skips XLA compilation.
 
