@@ -3,7 +3,8 @@
     python benchmarks/layers.py --batch 8 --dtype fp32 bf16
 
 For every distinct VGG-16 convolution shape: the forward convolution, its input gradient and its
-weight gradient as XLA compiles them (with ``vgg_flax.perf.compiler_options()``), against torch's
+weight gradient as XLA compiles them (with ``vgg_flax.perf.compiler_options()``), the forward as
+vgg_flax's modules compute it (``perf.conv_general_dilated()``), against torch's
 forward and forward + backward (channels_last; ``torch.autocast`` for bf16). Then the 2x2 max
 pool's gradient: ``lax.reduce_window``'s (a select-and-scatter) against vgg_flax's. Best of
 ``--reps`` runs, milliseconds, and totals weighted by how often VGG-16 uses each shape. This is
@@ -52,6 +53,10 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     jit = lambda f: jax.jit(f, compiler_options=opts)  # noqa: E731
     fwd = jit(conv)
+    # what vgg_flax's modules run: perf.conv_general_dilated() (bf16 maps <= 112x112: matmuls)
+    ours = jit(lambda x, w: (perf.conv_general_dilated() or lax.conv_general_dilated)(
+        x, w, (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))))
     dx = jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     dw = jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
     rows = []
@@ -76,6 +81,7 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
 
         r = dict(layer=f"conv {h}x{h} {cin}->{cout}", count=count,
                  xla_fwd=best_of(lambda: jax.block_until_ready(fwd(x, w)), reps),
+                 vgg_flax_fwd=best_of(lambda: jax.block_until_ready(ours(x, w)), reps),
                  xla_dx=best_of(lambda: jax.block_until_ready(dx(x, w, g)), reps),
                  xla_dw=best_of(lambda: jax.block_until_ready(dw(x, w, g)), reps),
                  torch_fwd=best_of(t_fwd, reps), torch_fwd_bwd=best_of(t_train, reps))
@@ -96,7 +102,8 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
 def markdown(rows: list[dict], title: str) -> str:
     convs = [r for r in rows if r["layer"].startswith("conv")]
     pools = [r for r in rows if not r["layer"].startswith("conv")]
-    cols = ["xla_fwd", "torch_fwd", "xla_dx", "xla_dw", "xla_fwd_dx_dw", "torch_fwd_bwd"]
+    cols = ["xla_fwd", "vgg_flax_fwd", "torch_fwd", "xla_dx", "xla_dw", "xla_fwd_dx_dw",
+            "torch_fwd_bwd"]
     out = [f"{title}", "", "| layer | x | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in convs:
         out.append(f"| {r['layer']} | {r['count']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
