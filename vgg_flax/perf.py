@@ -119,9 +119,14 @@ def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
 
 
 def conv_general_dilated(backend: str | None = None):
-    """The convolution vgg_flax's modules use on ``backend``: None means ``lax``'s own."""
+    """The convolution vgg_flax's modules use on ``backend``: None means ``lax``'s own.
+
+    On CPU: oneDNN's convolutions (``vgg_flax.onednn``) where the extension is built, else
+    XLA's, with bf16 3x3 convolutions as matmuls (``cpu_conv_general_dilated``).
+    """
     if (backend or jax.default_backend()) == "cpu":
-        return cpu_conv_general_dilated
+        from vgg_flax import onednn  # noqa: PLC0415 - loads the extension on first use only
+        return onednn.conv_general_dilated if onednn.available() else cpu_conv_general_dilated
     return None
 
 

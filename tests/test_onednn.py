@@ -1,0 +1,179 @@
+"""vgg_flax.onednn: oneDNN convolutions inside XLA:CPU programs, against lax's convolution.
+
+Whole-model agreement with torchvision (forward and training gradients, through these
+convolutions) is in test_parity.py; here each geometry VGG uses, the fallbacks, and sharding.
+"""
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from vgg_flax import onednn, perf
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def dn(x, w):
+    return lax.conv_dimension_numbers(x.shape, w.shape, DN)
+
+
+def test_built_and_loaded_on_x86_64_linux():
+    """pip builds the extension on x86-64 Linux: if it did not, this is where CI says so (the
+    library would otherwise fall back to XLA's convolutions without a word)."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        assert not onednn.available() and onednn.why_unavailable()
+        return
+    assert onednn.available(), onednn.why_unavailable()
+    assert onednn.version().startswith("3.")
+    assert perf.conv_general_dilated("cpu") is onednn.conv_general_dilated
+
+
+# (input NHWC, kernel HWIO, strides, padding, kernel dilation): every convolution the VGG variants
+# run (3x3 s1 p1; first layer with 3 channels; SSD conv6 atrous 3x3 d6 p6 and conv7 1x1; fc6 as a
+# 7x7 VALID convolution in dense evaluation), plus strides and uneven padding.
+GEOMETRIES = [
+    ((2, 9, 7, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((1, 12, 12, 3), (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((2, 19, 19, 16), (3, 3, 16, 24), (1, 1), ((6, 6), (6, 6)), (6, 6)),
+    ((2, 5, 5, 24), (1, 1, 24, 32), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((1, 9, 11, 8), (7, 7, 8, 16), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 11, 10, 8), (3, 3, 8, 8), (2, 2), ((0, 1), (1, 2)), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[1])))
+def test_forward_and_gradients_equal_lax(geometry, dtype):
+    """float32: within 1e-5 of the largest value of an f32 lax convolution at highest precision
+    (a few ulps of accumulation order); bf16: within bf16's rounding (2^-8) of the f32 result of
+    the same bf16 values, for y, dx and dw."""
+    xs, ws, strides, padding, dil = geometry
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, xs).astype(dtype)
+    w = (jax.random.normal(k2, ws) / np.sqrt(np.prod(ws[:3]))).astype(dtype)
+
+    def ours(x, w):
+        return onednn.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
+                                           dimension_numbers=dn(x, w))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
+                                        dimension_numbers=dn(x, w), precision="highest")
+
+    assert "custom_partitioning" in str(jax.make_jaxpr(ours)(x, w))
+    y, vjp = jax.vjp(jax.jit(ours), x, w)
+    g = jax.random.normal(k3, y.shape).astype(dtype)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    y_ref, vjp_ref = jax.vjp(ref, f32(x), f32(w))
+    tol = 1e-5 if dtype == "float32" else 2 ** -8
+    for name, got, want in [("y", y, y_ref), *zip(("dx", "dw"), vjp(g), vjp_ref(f32(g)))]:
+        assert got.dtype == x.dtype, name
+        err = float(jnp.abs(f32(got) - want).max() / jnp.abs(want).max())
+        assert err <= tol, (name, err)
+
+
+def test_other_convolutions_stay_on_lax():
+    x = jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 4))
+    cases = {
+        "float16": (x.astype(jnp.float16), w.astype(jnp.float16), {}),
+        "feature groups": (x, w[:, :, :2], {"feature_group_count": 2}),
+        "input dilation": (x, w, {"lhs_dilation": (2, 2)}),
+        "negative padding": (x, w, {"padding": ((-1, 0), (0, 0))}),
+        "f32 result of bf16": (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                               {"preferred_element_type": jnp.float32}),
+    }
+    for what, (a, b, kw) in cases.items():
+        kw = {"padding": ((1, 1), (1, 1)), **kw}
+        f = lambda a, b: onednn.conv_general_dilated(  # noqa: E731
+            a, b, (1, 1), dimension_numbers=dn(a, b), **kw)
+        jaxpr = str(jax.make_jaxpr(f)(a, b))
+        assert "conv_general_dilated" in jaxpr and "custom_partitioning" not in jaxpr, what
+    # NCHW is lax's too
+    nchw = lax.conv_dimension_numbers((1, 4, 8, 8), (4, 4, 3, 3), ("NCHW", "OIHW", "NCHW"))
+    jaxpr = str(jax.make_jaxpr(lambda a, b: onednn.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=nchw))(jnp.ones((1, 4, 8, 8)), jnp.ones((4, 4, 3, 3))))
+    assert "custom_partitioning" not in jaxpr
+
+
+def test_same_padding_string_and_opt_out(monkeypatch):
+    x, w = jnp.ones((1, 7, 7, 4)), jnp.ones((3, 3, 4, 2))
+    same = onednn.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn(x, w))
+    ref = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn(x, w))
+    np.testing.assert_allclose(same, ref, rtol=1e-6)
+    monkeypatch.setenv("VGG_FLAX_CONV", "xla")
+    assert not onednn.available() and "VGG_FLAX_CONV=xla" in onednn.why_unavailable()
+    assert perf.conv_general_dilated("cpu") is perf.cpu_conv_general_dilated
+    jaxpr = str(jax.make_jaxpr(lambda a, b: onednn.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=dn(a, b)))(x, w))
+    assert "custom_partitioning" not in jaxpr
+
+
+def test_vmap_and_remat():
+    """vmap over images, kernels or both, per-example gradients; jax.checkpoint recomputes."""
+    x = jax.random.normal(jax.random.key(1), (3, 2, 6, 6, 4))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 4, 5))
+    f = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn(x, w))
+    ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn(x, w), precision="highest")
+    ws = jnp.stack([w, -w, 2 * w])
+    for axes, args in [((0, None), (x, w)), ((0, 0), (x, ws)), ((None, 0), (x[0], ws))]:
+        np.testing.assert_allclose(jax.vmap(f, axes)(*args), jax.vmap(ref, axes)(*args),
+                                   rtol=1e-5, atol=1e-5)
+    # per-example weight gradients (the weight gradient must not sum over the mapped axis)
+    per_example = lambda conv: jax.vmap(jax.grad(  # noqa: E731
+        lambda w, x: jnp.sum(jnp.sin(conv(x, w)))), (None, 0))
+    np.testing.assert_allclose(per_example(f)(w, x), per_example(ref)(w, x), rtol=1e-4,
+                               atol=1e-4)
+    loss = lambda conv: lambda w: jnp.sum(jax.checkpoint(conv)(x[0], w) ** 2)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss(f))(w), jax.grad(loss(ref))(w), rtol=1e-5)
+
+
+SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax import lax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from vgg_flax import onednn
+
+    dn = lax.conv_dimension_numbers((8, 10, 10, 8), (3, 3, 8, 16), ("NHWC", "HWIO", "NHWC"))
+    def loss(conv):
+        def f(x, w):
+            y = conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+            return jnp.sum(jnp.tanh(y)), y
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    x = jax.random.normal(jax.random.key(0), (8, 10, 10, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.1
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "model")))  # FSDP-like
+    step = jax.jit(loss(onednn.conv_general_dilated))
+    (l, y), (dx, dw) = step(xs, ws)
+    with jax.default_matmul_precision("highest"):
+        (l0, y0), (dx0, dw0) = jax.jit(loss(lax.conv_general_dilated))(x, w)
+    for a, b in [(l, l0), (y, y0), (dx, dx0), (dw, dw0)]:
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    assert y.sharding.spec[0] == "data", y.sharding
+    hlo = step.lower(xs, ws).compile().as_text()
+    # the batch stays split: every device convolves its 2 examples, never all 8
+    assert "f32[2,10,10,16]" in hlo and "f32[8,10,10,16]" not in hlo
+    assert "all-reduce" in hlo  # the weight gradient's sum over the batch shards
+    print("ok")
+""")
+
+
+def test_batch_sharded_convolution_partitions_along_the_batch():
+    """Under jit over 8 devices with the batch on 'data': results equal one device, each device
+    convolves only its slice, and the weight gradient is summed across the slices."""
+    out = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

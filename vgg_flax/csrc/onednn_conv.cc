@@ -1,0 +1,260 @@
+// 2-D convolutions for XLA:CPU through oneDNN, as XLA FFI custom calls.
+//
+// Why: XLA:CPU runs convolutions on Eigen's f32 kernels and has no bf16 convolution at all (it
+// converts bf16 operands to f32). oneDNN is the library torch uses for the same convolutions on
+// CPU; calling it from the compiled VGG program puts both frameworks on the same kernels.
+// README, "Performance", has the measurements.
+//
+// Three handlers, one per direction, for NHWC activations and HWIO kernels (Flax's layouts),
+// float32 or bfloat16 operands (bf16 accumulates in f32 inside oneDNN, as torch's autocast does):
+//   vgg_flax_conv_fwd          y  = conv(x, w)
+//   vgg_flax_conv_bwd_data     dx = conv_backward_data(dy, w)
+//   vgg_flax_conv_bwd_weights  dw = conv_backward_weights(x, dy)
+// Attributes: strides[2], padding[4] = (top, bottom, left, right), dilation[2] (1 = dense).
+// Primitives are built once per shape and kept; the kernel is reordered to oneDNN's preferred
+// blocked layout on every call (weights change every training step; it costs ~1% of the conv).
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+enum class Kind { kFwd, kBwdData, kBwdWeights };
+
+struct Geometry {
+  int64_t n, h, w, c;     // input
+  int64_t kh, kw, o;      // kernel
+  int64_t oh, ow;         // output
+  int64_t stride[2], pad[4], dilation[2];
+  memory::data_type dt;
+};
+
+struct Cached {
+  dnnl::primitive conv;
+  memory::desc src, weights, dst;       // what the convolution runs on
+  memory::desc user_weights;            // HWIO
+  memory::desc scratchpad;
+  bool reorder_weights = false;
+  dnnl::primitive weights_reorder;      // HWIO -> blocked (fwd, bwd data) or back (bwd weights)
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+std::string Key(Kind kind, const Geometry& g) {
+  std::string key = std::to_string(static_cast<int>(kind)) + ":" +
+                    std::to_string(static_cast<int>(g.dt));
+  for (int64_t v : {g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh, g.ow, g.stride[0], g.stride[1],
+                    g.pad[0], g.pad[1], g.pad[2], g.pad[3], g.dilation[0], g.dilation[1]}) {
+    key += "," + std::to_string(v);
+  }
+  return key;
+}
+
+std::unique_ptr<Cached> Build(Kind kind, const Geometry& g) {
+  auto& eng = Engine();
+  const memory::dims src_dims = {g.n, g.c, g.h, g.w};
+  const memory::dims wei_dims = {g.o, g.c, g.kh, g.kw};
+  const memory::dims dst_dims = {g.n, g.o, g.oh, g.ow};
+  const memory::dims strides = {g.stride[0], g.stride[1]};
+  // oneDNN counts dilation from 0 (0 = dense); XLA from 1.
+  const memory::dims dilates = {g.dilation[0] - 1, g.dilation[1] - 1};
+  const memory::dims pad_l = {g.pad[0], g.pad[2]};
+  const memory::dims pad_r = {g.pad[1], g.pad[3]};
+  using tag = memory::format_tag;
+  memory::desc src(src_dims, g.dt, tag::nhwc);
+  memory::desc dst(dst_dims, g.dt, tag::nhwc);
+  memory::desc wei_any(wei_dims, g.dt, tag::any);
+  memory::desc user_wei(wei_dims, g.dt, tag::hwio);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+
+  auto c = std::make_unique<Cached>();
+  c->src = src;
+  c->dst = dst;
+  c->user_weights = user_wei;
+  dnnl::convolution_forward::primitive_desc fwd(
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, wei_any,
+      dst, strides, dilates, pad_l, pad_r, attr);
+  if (kind == Kind::kFwd) {
+    c->weights = fwd.weights_desc();
+    c->scratchpad = fwd.scratchpad_desc();
+    c->conv = dnnl::convolution_forward(fwd);
+  } else if (kind == Kind::kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc bwd(
+        eng, dnnl::algorithm::convolution_direct, src, wei_any, dst, strides, dilates, pad_l,
+        pad_r, fwd, attr);
+    c->weights = bwd.weights_desc();
+    c->scratchpad = bwd.scratchpad_desc();
+    c->conv = dnnl::convolution_backward_data(bwd);
+  } else {
+    // The weight gradient is accumulated and returned in f32 by oneDNN, then rounded once into
+    // the caller's dtype by the reorder.
+    memory::desc dwei_any(wei_dims, memory::data_type::f32, tag::any);
+    dnnl::convolution_backward_weights::primitive_desc bwd(
+        eng, dnnl::algorithm::convolution_direct, src, dwei_any, dst, strides, dilates, pad_l,
+        pad_r, fwd, attr);
+    c->weights = bwd.diff_weights_desc();
+    c->scratchpad = bwd.scratchpad_desc();
+    c->conv = dnnl::convolution_backward_weights(bwd);
+  }
+  c->reorder_weights = c->weights != c->user_weights;
+  if (c->reorder_weights) {
+    if (kind == Kind::kBwdWeights) {
+      c->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          eng, c->weights, eng, c->user_weights));
+    } else {
+      c->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          eng, c->user_weights, eng, c->weights));
+    }
+  }
+  return c;
+}
+
+const Cached& Get(Kind kind, const Geometry& g) {
+  static std::mutex mu;
+  static auto* cache = new std::unordered_map<std::string, std::unique_ptr<Cached>>();
+  const std::string key = Key(kind, g);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache->find(key);
+  if (it == cache->end()) it = cache->emplace(key, Build(kind, g)).first;
+  return *it->second;
+}
+
+// Per-thread buffers: XLA may run two convolutions at once on different threads, never two on
+// one thread.
+struct Buffers {
+  std::vector<char> weights, scratchpad;
+};
+thread_local Buffers buffers;
+
+void* Grow(std::vector<char>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+ffi::Error Fail(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vgg_flax oneDNN convolution: " + what);
+}
+
+ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out,
+               ffi::Span<const int64_t> stride, ffi::Span<const int64_t> pad,
+               ffi::Span<const int64_t> dilation) {
+  // a, b, out are (x, w, y), (dy, w, dx) or (x, dy, dw).
+  if (stride.size() != 2 || pad.size() != 4 || dilation.size() != 2) {
+    return Fail("expects strides[2], padding[4], dilation[2]");
+  }
+  ffi::AnyBuffer x = kind == Kind::kBwdData ? out : a;
+  ffi::AnyBuffer w = kind == Kind::kBwdWeights ? out : b;
+  ffi::AnyBuffer y = kind == Kind::kFwd ? out : (kind == Kind::kBwdData ? a : b);
+  if (x.dimensions().size() != 4 || w.dimensions().size() != 4 || y.dimensions().size() != 4) {
+    return Fail("expects rank-4 NHWC activations and HWIO kernels");
+  }
+  Geometry g;
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
+  g.n = xd[0]; g.h = xd[1]; g.w = xd[2]; g.c = xd[3];
+  g.kh = wd[0]; g.kw = wd[1]; g.o = wd[3];
+  g.oh = yd[1]; g.ow = yd[2];
+  for (int i = 0; i < 2; ++i) { g.stride[i] = stride[i]; g.dilation[i] = dilation[i]; }
+  for (int i = 0; i < 4; ++i) g.pad[i] = pad[i];
+  const auto et = a.element_type();
+  if (et == ffi::DataType::F32) {
+    g.dt = memory::data_type::f32;
+  } else if (et == ffi::DataType::BF16) {
+    g.dt = memory::data_type::bf16;
+  } else {
+    return Fail("float32 or bfloat16 operands only");
+  }
+  if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o || b.element_type() != et ||
+      out.element_type() != et) {
+    return Fail("operand shapes or dtypes disagree");
+  }
+  try {
+    const Cached& c = Get(kind, g);
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory scratch(c.scratchpad, eng, Grow(buffers.scratchpad, c.scratchpad.get_size()));
+    memory xm(c.src, eng, x.untyped_data());
+    memory ym(c.dst, eng, y.untyped_data());
+    memory user_w(c.user_weights, eng, w.untyped_data());
+    memory wm = user_w;
+    if (c.reorder_weights) {
+      wm = memory(c.weights, eng, Grow(buffers.weights, c.weights.get_size()));
+      if (kind != Kind::kBwdWeights) {
+        c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, wm}});
+      }
+    }
+    if (kind == Kind::kFwd) {
+      c.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
+                              {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else if (kind == Kind::kBwdData) {
+      c.conv.execute(stream, {{DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_WEIGHTS, wm},
+                              {DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else {
+      c.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, ym},
+                              {DNNL_ARG_DIFF_WEIGHTS, wm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      if (c.reorder_weights) {
+        c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, user_w}});
+      }
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("vgg_flax oneDNN convolution failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+               ffi::Span<const int64_t> s, ffi::Span<const int64_t> p,
+               ffi::Span<const int64_t> d) {
+  return Run(Kind::kFwd, x, w, *y, s, p, d);
+}
+ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                   ffi::Span<const int64_t> s, ffi::Span<const int64_t> p,
+                   ffi::Span<const int64_t> d) {
+  return Run(Kind::kBwdData, dy, w, *dx, s, p, d);
+}
+ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                      ffi::Span<const int64_t> s, ffi::Span<const int64_t> p,
+                      ffi::Span<const int64_t> d) {
+  return Run(Kind::kBwdWeights, x, dy, *dw, s, p, d);
+}
+
+}  // namespace
+
+#define VGG_FLAX_CONV_HANDLER(name, fn)                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                             \
+                                ffi::Ffi::Bind()                      \
+                                    .Arg<ffi::AnyBuffer>()            \
+                                    .Arg<ffi::AnyBuffer>()            \
+                                    .Ret<ffi::AnyBuffer>()            \
+                                    .Attr<ffi::Span<const int64_t>>("strides") \
+                                    .Attr<ffi::Span<const int64_t>>("padding") \
+                                    .Attr<ffi::Span<const int64_t>>("dilation"));
+
+VGG_FLAX_CONV_HANDLER(VggFlaxConvFwd, Fwd)
+VGG_FLAX_CONV_HANDLER(VggFlaxConvBwdData, BwdData)
+VGG_FLAX_CONV_HANDLER(VggFlaxConvBwdWeights, BwdWeights)
+
+// The oneDNN version this library runs, for the benchmark's record.
+extern "C" const char* VggFlaxOnednnVersion() {
+  static std::string v = [] {
+    const dnnl_version_t* ver = dnnl_version();
+    return std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." +
+           std::to_string(ver->patch);
+  }();
+  return v.c_str();
+}
