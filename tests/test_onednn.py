@@ -47,32 +47,40 @@ GEOMETRIES = [
 ]
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[1])))
-def test_forward_and_gradients_equal_lax(geometry, dtype):
+def test_forward_and_gradients_equal_lax(geometry, dtype, bias):
     """float32: within 1e-5 of the largest value of an f32 lax convolution at highest precision
     (a few ulps of accumulation order); bf16: within bf16's rounding (2^-8) of the f32 result of
-    the same bf16 values, for y, dx and dw."""
+    the same bf16 values, for y, dx, dw (and with the bias folded in, db)."""
     xs, ws, strides, padding, dil = geometry
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k1, xs).astype(dtype)
     w = (jax.random.normal(k2, ws) / np.sqrt(np.prod(ws[:3]))).astype(dtype)
+    b = jax.random.normal(k4, ws[3:]).astype(dtype)
 
-    def ours(x, w):
+    def ours(x, w, b):
+        if bias:
+            geometry = onednn.supports(x, w, strides, padding, rhs_dilation=dil,
+                                       dimension_numbers=dn(x, w))
+            return onednn.conv(x, w, geometry, bias=b)
         return onednn.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
                                            dimension_numbers=dn(x, w))
 
-    def ref(x, w):
-        return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
-                                        dimension_numbers=dn(x, w), precision="highest")
+    def ref(x, w, b):
+        y = lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
+                                     dimension_numbers=dn(x, w), precision="highest")
+        return y + b if bias else y
 
-    assert "custom_partitioning" in str(jax.make_jaxpr(ours)(x, w))
-    y, vjp = jax.vjp(jax.jit(ours), x, w)
+    assert "custom_partitioning" in str(jax.make_jaxpr(ours)(x, w, b))
+    y, vjp = jax.vjp(jax.jit(ours), x, w, b)
     g = jax.random.normal(k3, y.shape).astype(dtype)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    y_ref, vjp_ref = jax.vjp(ref, f32(x), f32(w))
+    y_ref, vjp_ref = jax.vjp(ref, f32(x), f32(w), f32(b))
     tol = 1e-5 if dtype == "float32" else 2 ** -8
-    for name, got, want in [("y", y, y_ref), *zip(("dx", "dw"), vjp(g), vjp_ref(f32(g)))]:
+    names = ("dx", "dw", "db") if bias else ("dx", "dw")
+    for name, got, want in [("y", y, y_ref), *zip(names, vjp(g), vjp_ref(f32(g)))]:
         assert got.dtype == x.dtype, name
         err = float(jnp.abs(f32(got) - want).max() / jnp.abs(want).max())
         assert err <= tol, (name, err)
@@ -142,28 +150,36 @@ SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from vgg_flax import onednn
+    from vgg_flax import onednn, perf
 
     dn = lax.conv_dimension_numbers((8, 10, 10, 8), (3, 3, 8, 16), ("NHWC", "HWIO", "NHWC"))
     def loss(conv):
-        def f(x, w):
+        def f(x, w, b):
             y = conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-            return jnp.sum(jnp.tanh(y)), y
-        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+            # a second layer with its bias folded in (weight and bias gradients both summed)
+            if conv is lax.conv_general_dilated:
+                z = conv(jnp.tanh(y), w2, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn) + b
+            else:
+                z = perf.conv_bias(jnp.tanh(y), w2, b, ((1, 1), (1, 1)))
+            return jnp.sum(jnp.tanh(z)), y
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
 
     x = jax.random.normal(jax.random.key(0), (8, 10, 10, 8))
     w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.1
+    w2 = jax.random.normal(jax.random.key(2), (3, 3, 16, 16)) * 0.1
+    b = jax.random.normal(jax.random.key(3), (16,))
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "model")))  # FSDP-like
     step = jax.jit(loss(onednn.conv_general_dilated))
-    (l, y), (dx, dw) = step(xs, ws)
+    (l, y), (dx, dw, db) = step(xs, ws, b)
     with jax.default_matmul_precision("highest"):
-        (l0, y0), (dx0, dw0) = jax.jit(loss(lax.conv_general_dilated))(x, w)
-    for a, b in [(l, l0), (y, y0), (dx, dx0), (dw, dw0)]:
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+        (l0, y0), (dx0, dw0, db0) = jax.jit(loss(lax.conv_general_dilated))(x, w, b)
+    for got, want in [(l, l0), (y, y0), (dx, dx0), (dw, dw0), (db, db0)]:
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     assert y.sharding.spec[0] == "data", y.sharding
-    hlo = step.lower(xs, ws).compile().as_text()
+    hlo = step.lower(xs, ws, b).compile().as_text()
+    assert hlo.count("vgg_flax_conv_bwd_weights_bias") == 1, "the bias layer ran on oneDNN"
     # the batch stays split: every device convolves its 2 examples, never all 8
     assert "f32[2,10,10,16]" in hlo and "f32[8,10,10,16]" not in hlo
     assert "all-reduce" in hlo  # the weight gradient's sum over the batch shards

@@ -36,8 +36,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 _TARGETS = {"vgg_flax_conv_fwd": "VggFlaxConvFwd",
+            "vgg_flax_conv_bias_fwd": "VggFlaxConvBiasFwd",
             "vgg_flax_conv_bwd_data": "VggFlaxConvBwdData",
-            "vgg_flax_conv_bwd_weights": "VggFlaxConvBwdWeights"}
+            "vgg_flax_conv_bwd_weights": "VggFlaxConvBwdWeights",
+            "vgg_flax_conv_bwd_weights_bias": "VggFlaxConvBwdWeightsBias"}
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -94,17 +96,17 @@ def version() -> str | None:
     return lib.VggFlaxOnednnVersion().decode() if lib is not None else None
 
 
-# ---- the three custom calls, each partitioned along the batch -------------------------------
+# ---- the custom calls, each partitioned along the batch and batched under vmap ------------
 
-def _ffi(target, out, a, b, geometry):
+def _ffi(target, out, operands, geometry):
     strides, padding, dilation = geometry
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-        a, b, strides=np.asarray(strides, np.int64),
+        *operands, strides=np.asarray(strides, np.int64),
         padding=np.asarray([p for pair in padding for p in pair], np.int64),
         dilation=np.asarray(dilation, np.int64))
 
 
-def _batch_axes(sharding):
+def _batch_spec(sharding):
     spec = getattr(sharding, "spec", None)
     return spec[0] if spec else None
 
@@ -115,131 +117,131 @@ def _axis_names(axes) -> tuple[str, ...]:
     return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
-def _partitioned(target: str, rule: str, out_of, *, batch_reduced: bool = False):
-    """A custom call that runs on each device's slice of the batch.
+def _op(target: str, rule: str, out, geometry, *, weight_gradient: bool = False):
+    """The custom call ``target`` as a function of its operands, for one geometry.
 
-    ``out_of(a, b, geometry)`` gives the result's ShapeDtypeStruct. With ``batch_reduced`` the
-    result has no batch dimension (the weight gradient): each device computes the sum over its
-    own slice and the slices' results are summed across the batch axes.
+    ``rule`` names each dimension (Shardy's notation); ``n`` is the batch. Sharded, every device
+    runs the call on its slice of the batch with the kernel (and bias) whole. A weight gradient
+    (``weight_gradient``) has no batch dimension: each device sums over its own slice, then the
+    slices' sums are added across the batch axes (an all-reduce). Under ``jax.vmap`` a mapped
+    axis of the first operand alone folds into the batch (one call); anything else (mapped
+    kernels, per-example weight gradients) is one call per mapped element, in sequence.
     """
+    n_operands = rule.split("->")[0].count(",") + 1
+    factors = rule.replace(",", " ").replace("->", " ").split()
 
-    @functools.partial(custom_partitioning, static_argnums=(2,))
-    def op(a, b, geometry):
-        return _ffi(target, out_of(a, b, geometry), a, b, geometry)
+    def call(*operands):
+        # called on global shapes, and on each device's slice when partitioned
+        local = out if weight_gradient else _sds((operands[0].shape[0], *out.shape[1:]),
+                                                 out.dtype)
+        return _ffi(target, local, operands, geometry)
 
-    def partition(geometry, mesh, arg_shapes, result_shape):
-        axes = _batch_axes(arg_shapes[0].sharding)
+    op = custom_partitioning(call)
+
+    def shardings(mesh, arg_shapes):
+        axes = _batch_spec(arg_shapes[0].sharding)
         batch = NamedSharding(mesh, P(axes, None, None, None))
         replicated = NamedSharding(mesh, P())
-        if batch_reduced:
-            arg_shardings = (batch, batch)
+        return axes, batch, replicated
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes, batch, replicated = shardings(mesh, arg_shapes)
+        if weight_gradient:  # (x, dy) -> dw[, db], summed over the batch shards
             names = _axis_names(axes)
 
-            def lower(a, b):
-                y = _ffi(target, out_of(a, b, geometry), a, b, geometry)
-                return lax.psum(y, names) if names else y
-            return mesh, lower, replicated, arg_shardings
-        # the second operand is the kernel: every device needs all of it
-        return (mesh, lambda a, b: _ffi(target, out_of(a, b, geometry), a, b, geometry),
-                batch, (batch, replicated))
+            def lower(*operands):
+                grads = call(*operands)
+                return jax.tree.map(lambda g: lax.psum(g, names), grads) if names else grads
+            return (mesh, lower, jax.tree.map(lambda _: replicated, out),
+                    (batch,) * n_operands)
+        # (x or dy, w[, b]): the batch stays split, the kernel and bias are whole everywhere
+        return mesh, call, batch, (batch,) + (replicated,) * (n_operands - 1)
 
-    def infer(geometry, mesh, arg_shapes, result_shape):
-        if batch_reduced:
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding), None, None, None))
+    def infer(mesh, arg_shapes, result_shape):
+        _, batch, replicated = shardings(mesh, arg_shapes)
+        return jax.tree.map(lambda _: replicated, out) if weight_gradient else batch
 
     op.def_partition(partition=partition, infer_sharding_from_operands=infer,
                      propagate_user_sharding=None, sharding_rule=rule,
-                     **({"reduction_factors": ("n",)} if batch_reduced else {}),
-                     need_replication_factors=tuple(dict.fromkeys(
-                         f for f in rule.replace(",", " ").replace("->", " ").split()
-                         if f != "n")))
-    return op
+                     **({"reduction_factors": ("n",)} if weight_gradient else {}),
+                     need_replication_factors=tuple(dict.fromkeys(f for f in factors
+                                                                  if f != "n")))
+
+    @jax.custom_batching.custom_vmap
+    def batched(*operands):
+        return op(*operands)
+
+    @batched.def_vmap
+    def rule_(axis_size, in_batched, *operands):
+        out_batched = jax.tree.map(lambda _: True, out)
+        if not weight_gradient and in_batched[0] and not any(in_batched[1:]):
+            a = operands[0]
+            y = _op(target, rule, jax.ShapeDtypeStruct((axis_size * out.shape[0], *out.shape[1:]),
+                                                       out.dtype), geometry)(
+                a.reshape(-1, *a.shape[2:]), *operands[1:])
+            return y.reshape(axis_size, *out.shape), out_batched
+        operands = tuple(o if b else jax.numpy.broadcast_to(o, (axis_size, *o.shape))
+                         for o, b in zip(operands, in_batched))
+        return lax.map(lambda ops: batched(*ops), operands), out_batched
+
+    return batched
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
 def _out_hw(h, k, stride, pad, dilation):
     return (h + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
 
 
-def _fwd_out(x, w, geometry):
+def _y_shape(x, w, geometry):
     strides, padding, dilation = geometry
-    hw = [_out_hw(x.shape[1 + i], w.shape[i], strides[i], padding[i], dilation[i])
-          for i in range(2)]
-    return jax.ShapeDtypeStruct((x.shape[0], *hw, w.shape[3]), x.dtype)
+    return (x.shape[0], *[_out_hw(x.shape[1 + i], w.shape[i], strides[i], padding[i],
+                                  dilation[i]) for i in range(2)], w.shape[3])
 
 
-def _x_shape_from(x_hw):
-    # bwd data's result shape is not a function of (dy, w) alone: it rides in the geometry.
-    return lambda dy, w, geometry: jax.ShapeDtypeStruct((dy.shape[0], *x_hw, w.shape[2]),
-                                                        dy.dtype)
+def _forward(x, w, b, geometry):
+    out = _sds(_y_shape(x, w, geometry), x.dtype)
+    if b is None:
+        return _op("vgg_flax_conv_fwd", "n h w c, i j c o -> n p q o", out, geometry)(x, w)
+    return _op("vgg_flax_conv_bias_fwd", "n h w c, i j c o, o -> n p q o", out, geometry)(x, w, b)
 
 
-def _batched(op, geometry, *, merge_batch: bool):
-    """``op(a, b, geometry)`` with a vmap rule (custom_partitioning has none).
-
-    Mapped over the first operand only, the mapped axis folds into the batch: one call on
-    (B * N, ...). Otherwise (a mapped kernel, or the weight gradient, which must stay per
-    example) one call per mapped element, in sequence.
-    """
-    @jax.custom_batching.custom_vmap
-    def f(a, b):
-        return op(a, b, geometry)
-
-    @f.def_vmap
-    def rule(axis_size, in_batched, a, b):
-        if merge_batch and in_batched == [True, False]:
-            y = f(a.reshape(-1, *a.shape[2:]), b)
-            return y.reshape(axis_size, -1, *y.shape[1:]), True
-        a = a if in_batched[0] else jax.numpy.broadcast_to(a, (axis_size, *a.shape))
-        b = b if in_batched[1] else jax.numpy.broadcast_to(b, (axis_size, *b.shape))
-        return lax.map(lambda ab: f(*ab), (a, b)), True
-
-    return f
+def _backward(x, w, b, dy, geometry):
+    dx = _op("vgg_flax_conv_bwd_data", "n p q o, i j c o -> n h w c", _sds(x.shape, x.dtype),
+             geometry)(dy, w)
+    if b is None:
+        dw = _op("vgg_flax_conv_bwd_weights", "n h w c, n p q o -> i j c o",
+                 _sds(w.shape, w.dtype), geometry, weight_gradient=True)(x, dy)
+        return dx, dw, None
+    dw, db = _op("vgg_flax_conv_bwd_weights_bias", "n h w c, n p q o -> i j c o, o",
+                 (_sds(w.shape, w.dtype), _sds(b.shape, b.dtype)), geometry,
+                 weight_gradient=True)(x, dy)
+    return dx, dw, db
 
 
-_fwd_op = _partitioned("vgg_flax_conv_fwd", "n h w c, i j c o -> n p q o", _fwd_out)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv(x, w, b, geometry):
+    return _forward(x, w, b, geometry)
 
 
-@functools.cache
-def _conv_fwd(geometry):
-    return _batched(_fwd_op, geometry, merge_batch=True)
-
-
-@functools.cache
-def _conv_bwd_data(geometry, x_hw: tuple[int, int]):
-    op = _partitioned("vgg_flax_conv_bwd_data", "n p q o, i j c o -> n h w c",
-                      _x_shape_from(x_hw))
-    return _batched(op, geometry, merge_batch=True)
-
-
-@functools.cache
-def _conv_bwd_weights(geometry, w_shape: tuple[int, ...]):
-    out = lambda x, dy, geometry: jax.ShapeDtypeStruct(w_shape, x.dtype)  # noqa: E731
-    op = _partitioned("vgg_flax_conv_bwd_weights", "n h w c, n p q o -> i j c o", out,
-                      batch_reduced=True)
-    return _batched(op, geometry, merge_batch=False)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv(x, w, geometry):
-    """oneDNN convolution of NHWC ``x`` with HWIO ``w``; ``geometry`` = (strides, padding
-    pairs, kernel dilation) as tuples. Call :func:`conv_general_dilated` instead unless you
-    have checked :func:`supports` yourself."""
-    return _conv_fwd(geometry)(x, w)
-
-
-def _conv_vjp_fwd(x, w, geometry):
-    return _conv_fwd(geometry)(x, w), (x, w)
+def _conv_vjp_fwd(x, w, b, geometry):
+    return _forward(x, w, b, geometry), (x, w, b)
 
 
 def _conv_vjp_bwd(geometry, res, dy):
-    x, w = res
-    dx = _conv_bwd_data(geometry, tuple(x.shape[1:3]))(dy, w)
-    dw = _conv_bwd_weights(geometry, tuple(w.shape))(x, dy)
-    return dx, dw
+    return _backward(*res, dy, geometry)
 
 
-conv.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
+_conv.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
+
+
+def conv(x, w, geometry, bias=None):
+    """oneDNN convolution of NHWC ``x`` with HWIO ``w``, plus ``bias`` (one value per output
+    channel, folded into oneDNN's forward and weight-gradient passes) when given;
+    ``geometry`` = (strides, padding pairs, kernel dilation) as tuples, from :func:`supports`."""
+    return _conv(x, w, bias, geometry)
 
 
 def supports(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

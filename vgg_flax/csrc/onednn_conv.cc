@@ -10,6 +10,10 @@
 //   vgg_flax_conv_fwd          y  = conv(x, w)
 //   vgg_flax_conv_bwd_data     dx = conv_backward_data(dy, w)
 //   vgg_flax_conv_bwd_weights  dw = conv_backward_weights(x, dy)
+// and, with the bias folded in (oneDNN adds it while writing y, and sums dy into db while it
+// reads dy for dw, instead of two more passes over the activations in XLA):
+//   vgg_flax_conv_bias_fwd             y = conv(x, w) + b
+//   vgg_flax_conv_bwd_weights_bias     dw, db = conv_backward_weights(x, dy), sum(dy)
 // Attributes: strides[2], padding[4] = (top, bottom, left, right), dilation[2] (1 = dense).
 // Primitives are built once per shape and kept; the kernel is reordered to oneDNN's preferred
 // blocked layout on every call (weights change every training step; it costs ~1% of the conv).
@@ -37,6 +41,8 @@ struct Geometry {
   int64_t oh, ow;         // output
   int64_t stride[2], pad[4], dilation[2];
   memory::data_type dt;
+  bool bias = false;
+  memory::data_type bias_dt = memory::data_type::undef;
 };
 
 struct Cached {
@@ -44,6 +50,7 @@ struct Cached {
   memory::desc src, weights, dst;       // what the convolution runs on
   memory::desc user_weights;            // HWIO
   memory::desc scratchpad;
+  memory::desc bias;                    // b or db, when the convolution has one
   bool reorder_weights = false;
   dnnl::primitive weights_reorder;      // HWIO -> blocked (fwd, bwd data) or back (bwd weights)
 };
@@ -55,7 +62,8 @@ dnnl::engine& Engine() {
 
 std::string Key(Kind kind, const Geometry& g) {
   std::string key = std::to_string(static_cast<int>(kind)) + ":" +
-                    std::to_string(static_cast<int>(g.dt));
+                    std::to_string(static_cast<int>(g.dt)) + ":" +
+                    (g.bias ? std::to_string(static_cast<int>(g.bias_dt)) : "-");
   for (int64_t v : {g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh, g.ow, g.stride[0], g.stride[1],
                     g.pad[0], g.pad[1], g.pad[2], g.pad[3], g.dilation[0], g.dilation[1]}) {
     key += "," + std::to_string(v);
@@ -85,9 +93,15 @@ std::unique_ptr<Cached> Build(Kind kind, const Geometry& g) {
   c->src = src;
   c->dst = dst;
   c->user_weights = user_wei;
-  dnnl::convolution_forward::primitive_desc fwd(
-      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, wei_any,
-      dst, strides, dilates, pad_l, pad_r, attr);
+  if (g.bias) c->bias = memory::desc({g.o}, g.bias_dt, tag::x);
+  auto fwd = g.bias ? dnnl::convolution_forward::primitive_desc(
+                          eng, dnnl::prop_kind::forward_training,
+                          dnnl::algorithm::convolution_direct, src, wei_any, c->bias, dst,
+                          strides, dilates, pad_l, pad_r, attr)
+                    : dnnl::convolution_forward::primitive_desc(
+                          eng, dnnl::prop_kind::forward_training,
+                          dnnl::algorithm::convolution_direct, src, wei_any, dst, strides,
+                          dilates, pad_l, pad_r, attr);
   if (kind == Kind::kFwd) {
     c->weights = fwd.weights_desc();
     c->scratchpad = fwd.scratchpad_desc();
@@ -103,9 +117,12 @@ std::unique_ptr<Cached> Build(Kind kind, const Geometry& g) {
     // The weight gradient is accumulated and returned in f32 by oneDNN, then rounded once into
     // the caller's dtype by the reorder.
     memory::desc dwei_any(wei_dims, memory::data_type::f32, tag::any);
-    dnnl::convolution_backward_weights::primitive_desc bwd(
-        eng, dnnl::algorithm::convolution_direct, src, dwei_any, dst, strides, dilates, pad_l,
-        pad_r, fwd, attr);
+    auto bwd = g.bias ? dnnl::convolution_backward_weights::primitive_desc(
+                            eng, dnnl::algorithm::convolution_direct, src, dwei_any, c->bias,
+                            dst, strides, dilates, pad_l, pad_r, fwd, attr)
+                      : dnnl::convolution_backward_weights::primitive_desc(
+                            eng, dnnl::algorithm::convolution_direct, src, dwei_any, dst,
+                            strides, dilates, pad_l, pad_r, fwd, attr);
     c->weights = bwd.diff_weights_desc();
     c->scratchpad = bwd.scratchpad_desc();
     c->conv = dnnl::convolution_backward_weights(bwd);
@@ -151,7 +168,7 @@ ffi::Error Fail(const std::string& what) {
 
 ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out,
                ffi::Span<const int64_t> stride, ffi::Span<const int64_t> pad,
-               ffi::Span<const int64_t> dilation) {
+               ffi::Span<const int64_t> dilation, ffi::AnyBuffer* bias = nullptr) {
   // a, b, out are (x, w, y), (dy, w, dx) or (x, dy, dw).
   if (stride.size() != 2 || pad.size() != 4 || dilation.size() != 2) {
     return Fail("expects strides[2], padding[4], dilation[2]");
@@ -181,6 +198,15 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out
       out.element_type() != et) {
     return Fail("operand shapes or dtypes disagree");
   }
+  if (bias != nullptr) {
+    g.bias = true;
+    const auto bt = bias->element_type();
+    if (bias->dimensions().size() != 1 || bias->dimensions()[0] != g.o ||
+        (bt != ffi::DataType::F32 && bt != ffi::DataType::BF16)) {
+      return Fail("the bias must be float32 or bfloat16 with one value per output channel");
+    }
+    g.bias_dt = bt == ffi::DataType::F32 ? memory::data_type::f32 : memory::data_type::bf16;
+  }
   try {
     const Cached& c = Get(kind, g);
     auto& eng = Engine();
@@ -196,15 +222,22 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out
         c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, wm}});
       }
     }
+    std::unordered_map<int, memory> args;
+    if (bias != nullptr) {
+      args[kind == Kind::kFwd ? DNNL_ARG_BIAS : DNNL_ARG_DIFF_BIAS] =
+          memory(c.bias, eng, bias->untyped_data());
+    }
     if (kind == Kind::kFwd) {
-      c.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
-                              {DNNL_ARG_SCRATCHPAD, scratch}});
+      args.insert({{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
+                   {DNNL_ARG_SCRATCHPAD, scratch}});
+      c.conv.execute(stream, args);
     } else if (kind == Kind::kBwdData) {
       c.conv.execute(stream, {{DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_WEIGHTS, wm},
                               {DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
-      c.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, ym},
-                              {DNNL_ARG_DIFF_WEIGHTS, wm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      args.insert({{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_DIFF_WEIGHTS, wm},
+                   {DNNL_ARG_SCRATCHPAD, scratch}});
+      c.conv.execute(stream, args);
       if (c.reorder_weights) {
         c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, user_w}});
       }
@@ -233,7 +266,37 @@ ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
   return Run(Kind::kBwdWeights, x, dy, *dw, s, p, d);
 }
 
+ffi::Error BiasFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                   ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> s,
+                   ffi::Span<const int64_t> p, ffi::Span<const int64_t> d) {
+  return Run(Kind::kFwd, x, w, *y, s, p, d, &bias);
+}
+ffi::Error BwdWeightsBias(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                          ffi::Result<ffi::AnyBuffer> db, ffi::Span<const int64_t> s,
+                          ffi::Span<const int64_t> p, ffi::Span<const int64_t> d) {
+  ffi::AnyBuffer bias = *db;
+  return Run(Kind::kBwdWeights, x, dy, *dw, s, p, d, &bias);
+}
+
 }  // namespace
+
+#define VGG_FLAX_CONV_ATTRS                                  \
+  .Attr<ffi::Span<const int64_t>>("strides")                 \
+      .Attr<ffi::Span<const int64_t>>("padding")             \
+      .Attr<ffi::Span<const int64_t>>("dilation")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VggFlaxConvBiasFwd, BiasFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() VGG_FLAX_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VggFlaxConvBwdWeightsBias, BwdWeightsBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() VGG_FLAX_CONV_ATTRS);
 
 #define VGG_FLAX_CONV_HANDLER(name, fn)                               \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                             \
