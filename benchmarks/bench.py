@@ -159,11 +159,18 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers) -> list
     y = jnp.asarray(rng.integers(0, num_classes, batch))
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
     settings = {"vgg_flax": perf.compiler_options()}
+    xla_convs = "vgg_flax, XLA's convolutions (VGG_FLAX_CONV=xla)"
     if levers:
-        settings = {"vgg_flax (XLA defaults)": None, **perf.levers(), **settings}
+        settings = {"vgg_flax (XLA defaults)": None, **perf.levers(),
+                    xla_convs: perf.compiler_options(), **settings}
 
     out = []
     for label, options in settings.items():
+        # the convolution is chosen when the step is traced (below, before the first call):
+        # the lever rows measure XLA's own convolutions, "vgg_flax" what the library runs
+        conv_env = os.environ.get("VGG_FLAX_CONV")
+        if label != "vgg_flax":
+            os.environ["VGG_FLAX_CONV"] = "xla"
         if mode == "infer":
             fn = jax.jit(model.apply, compiler_options=options)
             args = (variables, x)
@@ -198,9 +205,14 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers) -> list
                 jax.block_until_ready(loss)
 
         t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        mem = compiled.memory_analysis()
-        step()
+        try:
+            compiled = fn.lower(*args).compile()
+            mem = compiled.memory_analysis()
+            step()
+        finally:
+            os.environ.pop("VGG_FLAX_CONV", None)
+            if conv_env is not None:
+                os.environ["VGG_FLAX_CONV"] = conv_env
         c = Candidate("vgg_flax", label, step, first_call_s=time.perf_counter() - t0)
         if mem is not None:
             c.xla_mb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
@@ -275,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--levers", action="store_true", help="also time each compiler lever alone")
+    p.add_argument("--levers", action="store_true", help="also time each compiler lever alone, on XLA's convolutions")
     p.add_argument("--no-torch", action="store_true", help="vgg_flax only (no torch installed)")
     p.add_argument("--json", default="benchmarks/results.json")
     p.add_argument("--md", default="benchmarks/results.md")
@@ -283,7 +295,7 @@ def main(argv=None) -> int:
 
     import jax
     import vgg_flax
-    from vgg_flax import perf
+    from vgg_flax import onednn, perf
     if args.model not in vgg_flax.list_models() or vgg_flax.metadata(args.model)["head"] != "fc":
         p.error(f"--model must be a classifier, one of {', '.join(vgg_flax.list_models()[:10])}")
     try:
@@ -298,7 +310,8 @@ def main(argv=None) -> int:
     machine = dict(platform=platform.platform(), processor=_cpu_name(), cores=os.cpu_count(),
                    jax=jax.__version__, backend=jax.default_backend(), device=args.device,
                    torch=None if args.no_torch else __import__("torch").__version__,
-                   host_malloc="tuned" if perf.host_malloc_tuned() else "default")
+                   host_malloc="tuned" if perf.host_malloc_tuned() else "default",
+                   onednn=onednn.version() or onednn.why_unavailable())
     print("machine:", json.dumps(machine), flush=True)
     rows = []
     for dtype in args.dtype:

@@ -3,9 +3,10 @@
     python benchmarks/layers.py --batch 8 --dtype fp32 bf16
 
 For every distinct VGG-16 convolution shape: the forward convolution, its input gradient and its
-weight gradient as XLA compiles them (with ``vgg_flax.perf.compiler_options()``), the forward as
-vgg_flax's modules compute it (``perf.conv_general_dilated()``), against torch's
-forward and forward + backward (channels_last; ``torch.autocast`` for bf16). Then the 2x2 max
+weight gradient as XLA compiles them (with ``vgg_flax.perf.compiler_options()``), the forward and
+forward + both gradients as vgg_flax's modules compute them (``perf.conv_general_dilated()``:
+oneDNN's convolutions where ``vgg_flax.onednn`` is built), against torch's forward and forward +
+backward (channels_last; ``torch.autocast`` for bf16). Then the 2x2 max
 pool's gradient: ``lax.reduce_window``'s (a select-and-scatter) against vgg_flax's. Best of
 ``--reps`` runs, milliseconds, and totals weighted by how often VGG-16 uses each shape. This is
 the evidence behind the README's "what limits us".
@@ -53,10 +54,16 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     jit = lambda f: jax.jit(f, compiler_options=opts)  # noqa: E731
     fwd = jit(conv)
-    # what vgg_flax's modules run: perf.conv_general_dilated() (bf16 maps <= 112x112: matmuls)
-    ours = jit(lambda x, w: (perf.conv_general_dilated() or lax.conv_general_dilated)(
+    # what vgg_flax's modules run: perf.conv_general_dilated() (oneDNN where built)
+    vgg_conv = lambda x, w: (perf.conv_general_dilated() or lax.conv_general_dilated)(  # noqa: E731
         x, w, (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))))
+        dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
+    ours = jit(vgg_conv)
+
+    @jit
+    def ours_train(x, w, g):
+        y, vjp = jax.vjp(vgg_conv, x, w)
+        return y, vjp(g)
     dx = jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     dw = jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
     rows = []
@@ -84,18 +91,20 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
                  vgg_flax_fwd=best_of(lambda: jax.block_until_ready(ours(x, w)), reps),
                  xla_dx=best_of(lambda: jax.block_until_ready(dx(x, w, g)), reps),
                  xla_dw=best_of(lambda: jax.block_until_ready(dw(x, w, g)), reps),
+                 vgg_flax_fwd_dx_dw=best_of(lambda: jax.block_until_ready(ours_train(x, w, g)),
+                                            reps),
                  torch_fwd=best_of(t_fwd, reps), torch_fwd_bwd=best_of(t_train, reps))
         r["xla_fwd_dx_dw"] = r["xla_fwd"] + r["xla_dx"] + r["xla_dw"]
         rows.append(r)
     reduce_window = jit(lambda x, g: jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2)), x)[1](g)[0])
-    ours = jit(lambda x, g: jax.vjp(max_pool_2x2, x)[1](g)[0])
+    ours_pool = jit(lambda x, g: jax.vjp(max_pool_2x2, x)[1](g)[0])
     for h, c in VGG16_POOLS:
         h = h * size // 224
         x = jax.nn.relu(jax.random.normal(key, (batch, h, h, c), jdt))
         g = jax.random.normal(key, (batch, h // 2, h // 2, c), jdt)
         rows.append(dict(layer=f"max pool {h}x{h}x{c} backward", count=1,
                          reduce_window=best_of(lambda: jax.block_until_ready(reduce_window(x, g)), reps),
-                         vgg_flax=best_of(lambda: jax.block_until_ready(ours(x, g)), reps)))
+                         vgg_flax=best_of(lambda: jax.block_until_ready(ours_pool(x, g)), reps)))
     return rows
 
 
@@ -103,7 +112,7 @@ def markdown(rows: list[dict], title: str) -> str:
     convs = [r for r in rows if r["layer"].startswith("conv")]
     pools = [r for r in rows if not r["layer"].startswith("conv")]
     cols = ["xla_fwd", "vgg_flax_fwd", "torch_fwd", "xla_dx", "xla_dw", "xla_fwd_dx_dw",
-            "torch_fwd_bwd"]
+            "vgg_flax_fwd_dx_dw", "torch_fwd_bwd"]
     out = [f"{title}", "", "| layer | x | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in convs:
         out.append(f"| {r['layer']} | {r['count']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
