@@ -172,13 +172,11 @@ def _op(target: str, rule: str, out, geometry, *, weight_gradient: bool = False)
         return op(*operands)
 
     @batched.def_vmap
-    def rule_(axis_size, in_batched, *operands):
+    def vmap_rule(axis_size, in_batched, *operands):
         out_batched = jax.tree.map(lambda _: True, out)
         if not weight_gradient and in_batched[0] and not any(in_batched[1:]):
-            a = operands[0]
-            y = _op(target, rule, jax.ShapeDtypeStruct((axis_size * out.shape[0], *out.shape[1:]),
-                                                       out.dtype), geometry)(
-                a.reshape(-1, *a.shape[2:]), *operands[1:])
+            a = operands[0]  # (mapped, N, ...) -> (mapped * N, ...): ``call`` follows N
+            y = op(a.reshape(-1, *a.shape[2:]), *operands[1:])
             return y.reshape(axis_size, *out.shape), out_batched
         operands = tuple(o if b else jax.numpy.broadcast_to(o, (axis_size, *o.shape))
                          for o, b in zip(operands, in_batched))
