@@ -75,6 +75,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
+@functools.cache
+def _cpu_supports(dtype_name: str) -> bool:
+    # bf16 convolutions need AVX-512 (or newer) in oneDNN; older x86 CPUs get XLA's.
+    return bool(_load()[0].VggFlaxOnednnSupports(int(dtype_name == "bfloat16")))
+
+
 def _opted_out() -> bool:
     return os.environ.get("VGG_FLAX_CONV", "").lower() == "xla"
 
@@ -251,6 +257,8 @@ def supports(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
     if not (lhs.dtype == rhs.dtype and lhs.dtype in (np.float32, jax.numpy.bfloat16)):
         return None
     if preferred_element_type is not None and preferred_element_type != lhs.dtype:
+        return None
+    if available() and not _cpu_supports(np.dtype(lhs.dtype).name):
         return None
     if dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
         return None

@@ -157,9 +157,13 @@ struct Buffers {
 };
 thread_local Buffers buffers;
 
+// A buffer of at least n bytes starting on a 64-byte boundary (a cache line; oneDNN's kernels
+// expect their scratchpad and blocked weights aligned), grown as needed and kept.
 void* Grow(std::vector<char>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
+  constexpr size_t kAlign = 64;
+  if (v.size() < n + kAlign) v.resize(n + kAlign);
+  const auto p = reinterpret_cast<std::uintptr_t>(v.data());
+  return v.data() + ((kAlign - p % kAlign) % kAlign);
 }
 
 ffi::Error Fail(const std::string& what) {
@@ -311,6 +315,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VggFlaxConvBwdWeightsBias, BwdWeightsBias,
 VGG_FLAX_CONV_HANDLER(VggFlaxConvFwd, Fwd)
 VGG_FLAX_CONV_HANDLER(VggFlaxConvBwdData, BwdData)
 VGG_FLAX_CONV_HANDLER(VggFlaxConvBwdWeights, BwdWeights)
+
+// Whether this CPU has oneDNN kernels for convolutions of the dtype (bf16 needs AVX-512 or
+// newer; without it oneDNN declines to build the primitive). Asked once per dtype by Python,
+// which uses XLA's convolutions where the answer is no.
+extern "C" int VggFlaxOnednnSupports(int bf16) {
+  Geometry g{};
+  g.n = 1; g.h = g.w = 8; g.c = 16; g.kh = g.kw = 3; g.o = 16; g.oh = g.ow = 8;
+  g.stride[0] = g.stride[1] = 1;
+  g.dilation[0] = g.dilation[1] = 1;
+  for (auto& p : g.pad) p = 1;
+  g.dt = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+  try {
+    for (Kind kind : {Kind::kFwd, Kind::kBwdData, Kind::kBwdWeights}) Get(kind, g);
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+  return 1;
+}
 
 // The oneDNN version this library runs, for the benchmark's record.
 extern "C" const char* VggFlaxOnednnVersion() {
