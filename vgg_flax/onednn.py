@@ -27,7 +27,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -106,7 +105,8 @@ def version() -> str | None:
 
 def _ffi(target, out, operands, geometry):
     strides, padding, dilation = geometry
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+    # no vmap_method: _op's custom_vmap rule batches these calls, so none reaches vmap bare
+    return jax.ffi.ffi_call(target, out)(
         *operands, strides=np.asarray(strides, np.int64),
         padding=np.asarray([p for pair in padding for p in pair], np.int64),
         dilation=np.asarray(dilation, np.int64))

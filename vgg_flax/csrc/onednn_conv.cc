@@ -18,7 +18,6 @@
 // Primitives are built once per shape and kept; the kernel is reordered to oneDNN's preferred
 // blocked layout on every call (weights change every training step; it costs ~1% of the conv).
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
