@@ -216,35 +216,3 @@ def test_nnx_module_has_the_same_function(small):
     m = vgg_flax.to_nnx(model, variables)
     assert isinstance(m, nnx.Module)
     np.testing.assert_array_equal(m(x), model.apply(variables, x))
-
-
-def test_cpu_bf16_convolution_as_matmuls():
-    """perf.cpu_conv_general_dilated: bf16 3x3 convolutions from 112x112 down become nine
-    bf16 matmuls (forward within bf16 rounding of an f32 convolution of the same values; the
-    gradient is XLA's convolution gradient exactly); everything else stays lax's convolution."""
-    from jax import lax
-    from vgg_flax import perf
-    dn = lax.conv_dimension_numbers((1, 1, 1, 1), (3, 3, 1, 1), ("NHWC", "HWIO", "NHWC"))
-    conv = lambda x, w: perf.cpu_conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
-                                                      dimension_numbers=dn)
-    ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
-                                                dimension_numbers=dn)
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(k1, (2, 14, 10, 64), jnp.bfloat16)
-    w = (jax.random.normal(k2, (3, 3, 64, 32)) * 0.05).astype(jnp.bfloat16)
-    g = jax.random.normal(k3, (2, 14, 10, 32), jnp.bfloat16)
-    assert "conv_general_dilated" not in str(jax.make_jaxpr(conv)(x, w))
-    with jax.default_matmul_precision("highest"):
-        exact = np.asarray(ref(x.astype(jnp.float32), w.astype(jnp.float32)))
-    out = np.asarray(conv(x, w), np.float32)
-    assert np.abs(out - exact).max() <= 2 ** -8 * np.abs(exact).max()  # bf16's rounding
-    got, want = jax.vjp(conv, x, w)[1](g), jax.vjp(ref, x, w)[1](g)
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    # not taken: fp32, 224x224 maps, few input channels, other strides
-    for args in [(x.astype(jnp.float32), w.astype(jnp.float32)),
-                 (jnp.zeros((1, 224, 224, 64), jnp.bfloat16), w),
-                 (x[..., :3], w[:, :, :3])]:
-        assert "conv_general_dilated" in str(jax.make_jaxpr(conv)(*args))
-    strided = perf.cpu_conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn)
-    assert strided.shape == (2, 7, 5, 32)

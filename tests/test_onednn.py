@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from vgg_flax import onednn, perf
+from vgg_flax import onednn
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -31,8 +31,7 @@ def test_built_and_loaded_on_x86_64_linux():
         return
     assert onednn.available(), onednn.why_unavailable()
     assert onednn.version().startswith("3.")
-    assert onednn._cpu_supports("float32")  # bf16 too where the CPU has AVX-512 (it does here)
-    assert perf.conv_general_dilated("cpu") is onednn.conv_general_dilated
+    assert onednn.cpu_supports("float32")  # bf16 too where the CPU has AVX-512 (it does here)
 
 
 # (input NHWC, kernel HWIO, strides, padding, kernel dilation): every convolution the VGG variants
@@ -62,12 +61,8 @@ def test_forward_and_gradients_equal_lax(geometry, dtype, bias):
     b = jax.random.normal(k4, ws[3:]).astype(dtype)
 
     def ours(x, w, b):
-        if bias:
-            geometry = onednn.supports(x, w, strides, padding, rhs_dilation=dil,
-                                       dimension_numbers=dn(x, w))
-            return ref(x, w, b) if geometry is None else onednn.conv(x, w, geometry, bias=b)
-        return onednn.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
-                                           dimension_numbers=dn(x, w))
+        return onednn.conv(x, w, b if bias else None, strides=strides, padding=padding,
+                           dilation=dil, impl="auto")
 
     def ref(x, w, b):
         y = lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
@@ -75,8 +70,8 @@ def test_forward_and_gradients_equal_lax(geometry, dtype, bias):
         return y + b if bias else y
 
     # bf16 runs on oneDNN only on CPUs with AVX-512 (else XLA's convolution, as asked here)
-    on_onednn = "custom_partitioning" in str(jax.make_jaxpr(ours)(x, w, b))
-    assert on_onednn == onednn._cpu_supports(dtype), on_onednn
+    hlo = jax.jit(ours).lower(x, w, b).compile().as_text()
+    assert ("vgg_flax_conv" in hlo) == onednn.cpu_supports(dtype)
     y, vjp = jax.vjp(jax.jit(ours), x, w, b)
     g = jax.random.normal(k3, y.shape).astype(dtype)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
@@ -105,25 +100,44 @@ def test_other_convolutions_stay_on_lax():
         f = lambda a, b: onednn.conv_general_dilated(  # noqa: E731
             a, b, (1, 1), dimension_numbers=dn(a, b), **kw)
         jaxpr = str(jax.make_jaxpr(f)(a, b))
-        assert "conv_general_dilated" in jaxpr and "custom_partitioning" not in jaxpr, what
+        assert "conv_general_dilated" in jaxpr and "vgg_flax_conv" not in jaxpr, what
     # NCHW is lax's too
     nchw = lax.conv_dimension_numbers((1, 4, 8, 8), (4, 4, 3, 3), ("NCHW", "OIHW", "NCHW"))
     jaxpr = str(jax.make_jaxpr(lambda a, b: onednn.conv_general_dilated(
         a, b, (1, 1), "SAME", dimension_numbers=nchw))(jnp.ones((1, 4, 8, 8)), jnp.ones((4, 4, 3, 3))))
-    assert "custom_partitioning" not in jaxpr
+    assert "vgg_flax_conv" not in jaxpr
 
 
-def test_same_padding_string_and_opt_out(monkeypatch):
+def test_same_padding_string_and_implementations():
     x, w = jnp.ones((1, 7, 7, 4)), jnp.ones((3, 3, 4, 2))
     same = onednn.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn(x, w))
     ref = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn(x, w))
     np.testing.assert_allclose(same, ref, rtol=1e-6)
-    monkeypatch.setenv("VGG_FLAX_CONV", "xla")
-    assert not onednn.available() and "VGG_FLAX_CONV=xla" in onednn.why_unavailable()
-    assert perf.conv_general_dilated("cpu") is perf.cpu_conv_general_dilated
-    jaxpr = str(jax.make_jaxpr(lambda a, b: onednn.conv_general_dilated(
-        a, b, (1, 1), "SAME", dimension_numbers=dn(a, b)))(x, w))
-    assert "custom_partitioning" not in jaxpr
+    # impl="xla" never binds the primitive; "onednn" refuses what oneDNN cannot run, in one line
+    assert "vgg_flax_conv" not in str(jax.make_jaxpr(
+        lambda a, b: onednn.conv(a, b, padding="SAME", impl="xla"))(x, w))
+    with pytest.raises(ValueError, match="conv='onednn' cannot run .*float16.*conv='auto'"):
+        onednn.conv(x.astype(jnp.float16), w.astype(jnp.float16), impl="onednn")
+    with pytest.raises(ValueError, match="must be one of"):
+        onednn.conv(x, w, impl="cudnn")
+
+
+def test_mixed_dtypes_round_the_kernel_inside():
+    """bf16 activations with float32 kernel and bias (what a bf16 model with float32 parameters
+    runs): the same as rounding the kernel to bf16 first, gradients in the parameters' dtype."""
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k1, (2, 8, 8, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(k2, (3, 3, 16, 8)) * 0.1
+    b = jax.random.normal(k3, (8,))
+    f = lambda x, w, b: onednn.conv(x, w, b, padding="SAME")  # noqa: E731
+    y, vjp = jax.vjp(f, x, w, b)
+    assert y.dtype == jnp.bfloat16
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    want = lax.conv_general_dilated(f32(x), f32(w.astype(jnp.bfloat16)), (1, 1), "SAME",
+                                    dimension_numbers=dn(x, w), precision="highest") + b
+    assert np.abs(f32(y) - want).max() <= 2 ** -8 * np.abs(want).max()
+    dx, dw, db = vjp(jnp.ones_like(y))
+    assert (dx.dtype, dw.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
 
 
 def test_vmap_and_remat():
@@ -153,19 +167,19 @@ SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from vgg_flax import onednn, perf
+    from vgg_flax import onednn
 
     dn = lax.conv_dimension_numbers((8, 10, 10, 8), (3, 3, 8, 16), ("NHWC", "HWIO", "NHWC"))
     def loss(conv):
-        def f(x, w, b):
+        def f(x, w, w2, b):
             y = conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
             # a second layer with its bias folded in (weight and bias gradients both summed)
             if conv is lax.conv_general_dilated:
                 z = conv(jnp.tanh(y), w2, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn) + b
             else:
-                z = perf.conv_bias(jnp.tanh(y), w2, b, ((1, 1), (1, 1)))
+                z = onednn.conv(jnp.tanh(y), w2, b, padding=((1, 1), (1, 1)))
             return jnp.sum(jnp.tanh(z)), y
-        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)
 
     x = jax.random.normal(jax.random.key(0), (8, 10, 10, 8))
     w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.1
@@ -175,13 +189,13 @@ SHARDED = textwrap.dedent("""
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "model")))  # FSDP-like
     step = jax.jit(loss(onednn.conv_general_dilated))
-    (l, y), (dx, dw, db) = step(xs, ws, b)
+    (l, y), (dx, dw, dw2, db) = step(xs, ws, w2, b)
     with jax.default_matmul_precision("highest"):
-        (l0, y0), (dx0, dw0, db0) = jax.jit(loss(lax.conv_general_dilated))(x, w, b)
-    for got, want in [(l, l0), (y, y0), (dx, dx0), (dw, dw0), (db, db0)]:
+        (l0, y0), (dx0, dw0, dw20, db0) = jax.jit(loss(lax.conv_general_dilated))(x, w, w2, b)
+    for got, want in [(l, l0), (y, y0), (dx, dx0), (dw, dw0), (dw2, dw20), (db, db0)]:
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     assert y.sharding.spec[0] == "data", y.sharding
-    hlo = step.lower(xs, ws, b).compile().as_text()
+    hlo = step.lower(xs, ws, w2, b).compile().as_text()
     assert hlo.count("vgg_flax_conv_bwd_weights_bias") == 1, "the bias layer ran on oneDNN"
     # the batch stays split: every device convolves its 2 examples, never all 8
     assert "f32[2,10,10,16]" in hlo and "f32[8,10,10,16]" not in hlo

@@ -145,6 +145,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from vgg_flax import perf
-    perf.exec_with_tuned_host_malloc()  # README, "Performance": no page faults per batch
     main()

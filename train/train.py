@@ -89,6 +89,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from vgg_flax import perf
-    perf.exec_with_tuned_host_malloc()  # README, "Performance": no page faults per step
     app.run(lambda argv: sys.exit(main(argv)))

@@ -32,7 +32,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import vgg_flax
-from vgg_flax import perf
 from train import input_pipeline, sharding
 
 log = logging.getLogger("vgg_flax.train")
@@ -325,8 +324,7 @@ def make_train_step(setup: Setup):
 
     replicated = NamedSharding(setup.mesh, P())
     return jax.jit(step_fn, in_shardings=(setup.shardings, batch_sh, replicated),
-                   out_shardings=(setup.shardings, replicated), donate_argnums=0,
-                   compiler_options=perf.compiler_options())
+                   out_shardings=(setup.shardings, replicated), donate_argnums=0)
 
 
 def make_eval_step(setup: Setup):
@@ -347,8 +345,7 @@ def make_eval_step(setup: Setup):
     shard = {k: v for k, v in setup.shardings.items() if k in ("params", "batch_stats", "step")}
     return jax.jit(lambda s, b: eval_fn(s, b),
                    in_shardings=(shard, NamedSharding(setup.mesh, P("data"))),
-                   out_shardings=NamedSharding(setup.mesh, P()),
-                   compiler_options=perf.compiler_options())
+                   out_shardings=NamedSharding(setup.mesh, P()))
 
 
 def global_batch(setup: Setup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

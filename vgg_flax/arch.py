@@ -75,6 +75,12 @@ class Layer:
     dilation: int = 1
     pool: str = ""               # "floor", "ceil" or "3x3s1"
     torch_index: int | None = None  # position in torchvision's nn.Sequential
+    # The initialisation law of a conv/fc layer (model.INITS): torchvision's "kaiming" (normal,
+    # fan-out, ReLU gain) for convolutions, "fc" (N(0, 0.01)) for linear layers, SSD's "xavier".
+    init: str = ""
+    # fc6 reads the whole feature map: adaptive-average-pooled and flattened, or, in dense
+    # evaluation, as a convolution whose window is that pooled size.
+    reads_map: bool = False
 
 
 def scale(channels: int, width: float) -> int:
@@ -99,7 +105,8 @@ def features_layers(cfg: Sequence[Any], batch_norm: bool, width: float = 1.0) ->
             conv += 1
             tag = f"{block}_{conv}"
             layers.append(Layer(f"conv{tag}", "conv", features=scale(channels, width),
-                                kernel=kernel, padding=kernel // 2, torch_index=index))
+                                kernel=kernel, padding=kernel // 2, torch_index=index,
+                                init="kaiming"))
             index += 1
             if batch_norm:
                 layers.append(Layer(f"bn{tag}", "bn", torch_index=index))
@@ -114,9 +121,11 @@ def ssd_head_layers(hidden_size: int, width: float = 1.0) -> list[Layer]:
     hidden = scale(hidden_size, width)
     return [
         Layer("pool5", "pool", pool="3x3s1", torch_index=0),
-        Layer("conv6", "conv", features=hidden, kernel=3, padding=6, dilation=6, torch_index=1),
+        Layer("conv6", "conv", features=hidden, kernel=3, padding=6, dilation=6, torch_index=1,
+              init="xavier"),
         Layer("relu6", "relu", torch_index=2),
-        Layer("conv7", "conv", features=hidden, kernel=1, padding=0, torch_index=3),
+        Layer("conv7", "conv", features=hidden, kernel=1, padding=0, torch_index=3,
+              init="xavier"),
         Layer("relu7", "relu", torch_index=4),
     ]
 
@@ -124,13 +133,13 @@ def ssd_head_layers(hidden_size: int, width: float = 1.0) -> list[Layer]:
 def fc_head_layers(hidden_size: int, num_classes: int) -> list[Layer]:
     """torchvision's ``classifier``: fc6-ReLU-Dropout-fc7-ReLU-Dropout-fc8."""
     return [
-        Layer("fc6", "fc", features=hidden_size, torch_index=0),
+        Layer("fc6", "fc", features=hidden_size, torch_index=0, init="fc", reads_map=True),
         Layer("relu6", "relu", torch_index=1),
         Layer("drop6", "dropout", torch_index=2),
-        Layer("fc7", "fc", features=hidden_size, torch_index=3),
+        Layer("fc7", "fc", features=hidden_size, torch_index=3, init="fc"),
         Layer("relu7", "relu", torch_index=4),
         Layer("drop7", "dropout", torch_index=5),
-        Layer("fc8", "fc", features=num_classes, torch_index=6),
+        Layer("fc8", "fc", features=num_classes, torch_index=6, init="fc"),
     ]
 
 

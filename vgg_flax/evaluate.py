@@ -33,7 +33,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from vgg_flax import perf
 from vgg_flax.model import VGG
 from vgg_flax.preprocess import preprocess, preprocessing, rescale, to_rgb
 
@@ -246,9 +245,9 @@ class Evaluator:
         fns = posterior_fns(module, flip)
         self._fns = {
             CROP: jax.jit(fns[CROP], in_shardings=(replicated, self.data),
-                          out_shardings=self.data, compiler_options=perf.compiler_options()),
+                          out_shardings=self.data),
             DENSE: jax.jit(fns[DENSE], in_shardings=(replicated, self.data, self.data),
-                           out_shardings=self.data, compiler_options=perf.compiler_options())}
+                           out_shardings=self.data)}
         self.stride = dense_stride(module)
         self.calls = 0  # network calls made (for reports and tests)
         self.compile_seconds = 0.0  # spent compiling, once per distinct (kind, input shape)

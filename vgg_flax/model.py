@@ -14,15 +14,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vgg_flax import arch, perf
+from vgg_flax import arch, onednn, perf
 
 Array = jax.Array
 
 # torchvision's VGG._initialize_weights: kaiming normal (fan_out, ReLU gain) for convolutions,
-# N(0, 0.01) for linear layers, zeros for biases. SSD's conv6/conv7 are Xavier-uniform.
+# N(0, 0.01) for linear layers, zeros for biases. SSD's conv6/conv7 are Xavier-uniform. Which
+# law a layer follows is data: ``arch.Layer.init``.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 ssd_conv_init = nn.initializers.xavier_uniform()
 fc_init = nn.initializers.normal(stddev=0.01)
+INITS = {"kaiming": conv_init, "xavier": ssd_conv_init, "fc": fc_init}
 
 
 class BatchNorm(nn.Module):
@@ -96,7 +98,13 @@ def adaptive_avg_pool(x: Array, out_hw: Sequence[int]) -> Array:
     return x
 
 
-@jax.custom_vjp
+def _window_positions() -> Array:
+    # row-major position (0..3) of each element of a 2x2 window, shaped for the 6-D view
+    return (lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) * 2
+            + lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 4))
+
+
+@jax.custom_jvp
 def _max_pool_2x2(x: Array) -> Array:
     # Two element-wise maxima (row pairs, then the column pair, which sits side by side in the
     # channel axis once w is halved) rather than a max-reduction over a 6-D reshape: XLA:CPU
@@ -107,25 +115,22 @@ def _max_pool_2x2(x: Array) -> Array:
     return jnp.maximum(pairs[..., :c], pairs[..., c:])
 
 
-def _max_pool_2x2_fwd(x: Array):
+@_max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+    # The derivative is the tangent of the first maximum of each window in row-major order, as
+    # torch's max_pool2d and XLA's select-and-scatter route the gradient (ties are common after
+    # a ReLU: all-zero windows). Written as a linear function of the tangent, so reverse mode
+    # transposes it (one select over the window view, no select-and-scatter) and forward mode,
+    # HVPs and jacfwd differentiate it as it stands.
+    (x,), (dx,) = primals, tangents
     y = _max_pool_2x2(x)
-    return y, (x, y)
-
-
-def _max_pool_2x2_bwd(res, g: Array):
-    # The gradient goes to the first maximum of each window in row-major order, as torch's
-    # max_pool2d and XLA's select-and-scatter do (ties are common after a ReLU: all-zero windows).
-    x, y = res
     n, h, w, c = x.shape
-    x6 = x.reshape(n, h // 2, 2, w // 2, 2, c)
-    pos = (lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) * 2
-           + lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 4))
-    first = jnp.min(jnp.where(x6 == y[:, :, None, :, None], pos, 4), axis=(2, 4), keepdims=True)
-    dx = jnp.where(pos == first, g[:, :, None, :, None], jnp.zeros((), g.dtype))
-    return (dx.reshape(x.shape),)
-
-
-_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+    pos = _window_positions()
+    first = jnp.min(jnp.where(x.reshape(n, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None],
+                              pos, 4), axis=(2, 4), keepdims=True).astype(jnp.int8)
+    picked = jnp.where(pos == first, dx.reshape(n, h // 2, 2, w // 2, 2, c),
+                       jnp.zeros((), dx.dtype))
+    return y, picked.sum(axis=(2, 4))
 
 
 def max_pool_2x2(x: Array, ceil_mode: bool = False) -> Array:
@@ -134,7 +139,7 @@ def max_pool_2x2(x: Array, ceil_mode: bool = False) -> Array:
     Written as a reshape and a max rather than ``lax.reduce_window``: on XLA:CPU the gradient of
     a reduce-window pool is a select-and-scatter that computes window argmaxes with iota
     operands; this one is three element-wise passes, 3.6x faster for VGG's pool1 backward
-    (README, "Performance"). Odd sizes drop the last row/column (floor) or pad it with -inf (ceil).
+    (docs/performance.md). Odd sizes drop the last row/column (floor) or pad it with -inf (ceil).
     """
     n, h, w, c = x.shape
     if ceil_mode:
@@ -145,10 +150,13 @@ def max_pool_2x2(x: Array, ceil_mode: bool = False) -> Array:
 
 
 class Conv(nn.Module):
-    """A VGG convolution layer: stride 1, square kernel, symmetric padding, kernel dilation, bias.
+    """A VGG convolution layer: stride 1, square kernel, symmetric padding, kernel dilation, bias,
+    and optionally the ReLU after it.
 
-    Parameters as ``nn.Conv``'s (``kernel`` HWIO, ``bias``), and the same dtype promotion; the
-    computation is ``perf.conv_bias`` (on CPU: one oneDNN call, bias included).
+    Parameters as ``nn.Conv``'s (``kernel`` HWIO, ``bias``) and the same dtype promotion. The
+    computation is ``onednn.conv`` with implementation ``impl`` ("auto": oneDNN on CPU where it
+    can run, XLA's convolution elsewhere; "onednn"; "xla"): the kernel and bias enter in their
+    parameter dtype and are rounded to the compute dtype inside the convolution.
     """
     features: int
     kernel_size: int = 3
@@ -158,6 +166,8 @@ class Conv(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
+    impl: str = "auto"
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -165,10 +175,11 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        dtype = self.dtype or jnp.result_type(x, kernel, bias)
         p = self.padding
-        return perf.conv_bias(x, kernel, bias, ((p, p), (p, p)), (self.dilation,) * 2,
-                              self.precision)
+        return onednn.conv(x.astype(dtype), kernel, bias, padding=((p, p), (p, p)),
+                           dilation=(self.dilation,) * 2, relu=self.relu,
+                           precision=self.precision, impl=self.impl)
 
 
 class L2Norm(nn.Module):
@@ -231,6 +242,14 @@ class VGG(nn.Module):
     stopping after the deepest one. With ``dense=True`` fc6-fc8 run as convolutions on any input
     size and the class score map (tap ``fc8``) is averaged over space (paper section 3.2).
 
+    ``conv`` picks the convolution implementation, once, when the module is built: "auto" (the
+    default: oneDNN's kernels on CPU where vgg_flax's extension is built and the CPU has them
+    for the dtype, XLA's convolution elsewhere, decided per platform when the program is
+    lowered), "onednn" (oneDNN or an error, never a silent fallback) or "xla" (XLA's own
+    convolution on every platform). All three compute the same function and support every JAX
+    transformation; ``precision`` goes to XLA's convolutions (oneDNN accumulates float32 in
+    float32, which meets every level).
+
     Use ``vgg_flax.create(name, ...)`` or the named classes (``VGG16`` ...) rather than a raw cfg.
     """
     cfg: Sequence[Any] = arch.CFGS["D"]
@@ -254,6 +273,7 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    conv: str = "auto"
 
     # -- the plan: a pure function of the fields, shared with the weight mapping --------------
     def layers(self) -> list[arch.Layer]:
@@ -314,12 +334,21 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False):
         self._check_input(x)
+        perf.tune_host_malloc()  # once per process; see its docstring (opt-out there)
         plan, stop = self.layers(), self._stop()
         want = set(self.taps)
         out: dict[str, Array] = {}
         x = x.astype(self.dtype)
-        for layer in plan[: stop + 1]:
-            x = self._apply_layer(layer, x, train)
+        fused = False
+        for i, layer in enumerate(plan[: stop + 1]):
+            if fused:  # this ReLU ran inside the convolution before it
+                fused = False
+            else:
+                # A convolution whose own output is not asked for applies the following ReLU
+                # as it writes its result (one pass over the activations fewer on oneDNN).
+                fused = (layer.kind == "conv" and layer.name not in want and i < stop
+                         and plan[i + 1].kind == "relu")
+                x = self._apply_layer(layer, x, train, relu=fused)
             if layer.name in want:
                 out[layer.name] = x
             if layer.name == "relu4_3" and self.l2norm and (
@@ -331,14 +360,15 @@ class VGG(nn.Module):
             return x.mean(axis=(1, 2))  # average the class score map (paper section 3.2)
         return x
 
-    def _apply_layer(self, layer: arch.Layer, x: Array, train: bool) -> Array:
+    def _apply_layer(self, layer: arch.Layer, x: Array, train: bool, relu: bool = False) -> Array:
         kind = layer.kind
         if kind == "conv":
-            init = ssd_conv_init if layer.name in ("conv6", "conv7") else conv_init
-            p, d = layer.padding, layer.dilation
-            return Conv(layer.features, layer.kernel, p, d, kernel_init=init, dtype=self.dtype,
-                        param_dtype=self.param_dtype, precision=self.precision,
-                        name=layer.name)(x)
+            if self.conv not in onednn.IMPLS:
+                raise ValueError(f"conv must be one of {onednn.IMPLS}, got {self.conv!r}")
+            return Conv(layer.features, layer.kernel, layer.padding, layer.dilation,
+                        kernel_init=INITS[layer.init], dtype=self.dtype,
+                        param_dtype=self.param_dtype, precision=self.precision, impl=self.conv,
+                        relu=relu, name=layer.name)(x)
         if kind == "bn":
             return BatchNorm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype,
                              param_dtype=self.param_dtype, name=layer.name)(x, train)
@@ -354,14 +384,15 @@ class VGG(nn.Module):
             return nn.Dropout(self.dropout_rate, deterministic=not train, name=layer.name)(x)
         if kind == "fc":
             window = None
-            if layer.name == "fc6":
+            if layer.reads_map:
                 if self.dense:
                     window = tuple(self.pool_size)
                 else:
                     x = adaptive_avg_pool(x, self.pool_size)
                     x = x.reshape(x.shape[0], -1)  # (H, W, C) order: see from_torch
-            return FC(layer.features, window=window, dtype=self.dtype,
-                      param_dtype=self.param_dtype, precision=self.precision, name=layer.name)(x)
+            return FC(layer.features, window=window, kernel_init=INITS[layer.init],
+                      dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                      name=layer.name)(x)
         raise ValueError(f"unknown layer kind {kind!r}")
 
 

@@ -1,24 +1,31 @@
-"""VGG's convolutions on CPU through oneDNN, called from the compiled XLA program.
+"""VGG's convolution as a JAX primitive: oneDNN kernels on CPU, XLA's convolution elsewhere.
 
-XLA:CPU runs convolutions on Eigen's float32 kernels and has no bfloat16 convolution (it
-converts bf16 operands to f32 first); torch runs the same convolutions on oneDNN, which uses
-AVX-512 (and AVX-512 BF16 where the CPU has it). ``vgg_flax/csrc/onednn_conv.cc``, built when
-vgg_flax is installed, exposes oneDNN's forward, backward-data and backward-weights convolutions
-as XLA FFI custom calls; this module registers them and wraps them as a differentiable,
-shardable ``conv_general_dilated`` for ``flax.linen.Conv``. README, "Performance", has the
-figures; ``benchmarks/layers.py`` times each VGG-16 convolution both ways.
+XLA:CPU runs convolutions on Eigen's float32 kernels and has no bfloat16 convolution; torch runs
+the same convolutions on oneDNN. ``vgg_flax/csrc/onednn_conv.cc``, built when vgg_flax is
+installed on x86-64 Linux, exposes oneDNN's forward, backward-data and backward-weights
+convolutions as XLA FFI custom calls. This module makes them compose with every JAX
+transformation the way ``lax.conv_general_dilated`` does, as three primitives:
 
-What it takes: 2-D convolutions, NHWC activations and HWIO kernels (Flax's layouts), float32 or
-bfloat16 operands of one dtype, any stride, non-negative padding and kernel dilation, no input
-dilation or feature groups. Anything else goes to ``lax.conv_general_dilated`` unchanged.
-Reverse-mode derivatives only (``jax.grad``, ``jax.vjp``); forward-mode (``jax.jvp``,
-``jax.jacfwd``) and second derivatives need XLA's convolution: build the model with
-``VGG_FLAX_CONV=xla`` in the environment (read each time a VGG is traced), as on non-x86
-CPUs, where the extension is not built.
+    conv_p          y = relu?(conv(x, w) + b)
+    bwd_data_p      dx = conv_backward_data(dy, w)        (the transpose of conv in x)
+    bwd_weights_p   dw[, db] = conv_backward_weights(x, dy)  (the transpose of conv in w[, b])
 
-Sharding: the batch dimension partitions (data parallel, FSDP); every other dimension is
-gathered. The weight gradient of a batch-sharded convolution is summed across the batch shards
-inside the partitioned program, as XLA does for its own convolutions.
+Each is bilinear in its two array operands, so its JVP is two calls of the family and its
+transposes are the other two members: ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``,
+HVPs, ``jax.linearize``, ``jax.vmap`` and ``jax.checkpoint`` work at any order. Sharding: the
+batch partitions (data parallel, FSDP), every other dimension is gathered, and a weight gradient
+is summed across the batch shards inside the partitioned program, as XLA does for its own.
+
+Where each runs is decided when the program is lowered, per platform, like any lax primitive:
+on CPU, oneDNN when the extension is built and the CPU has kernels for the dtype (bf16 needs
+AVX-512), else XLA's convolution; on GPU/TPU always XLA's. ``impl="onednn"`` makes the oneDNN
+path a requirement (an error instead of a fallback); ``impl="xla"`` never binds these primitives.
+
+Operands: NHWC activations (float32 or bfloat16), HWIO kernels and a bias in float32 or
+bfloat16. Kernel and bias may be float32 under bfloat16 activations: the kernel is rounded to
+the activations' dtype while oneDNN reorders it into its blocked layout (no separate cast pass),
+the bias is added in float32 before the output's one rounding, and their gradients come back in
+their own dtypes.
 """
 from __future__ import annotations
 
@@ -26,21 +33,30 @@ import ctypes
 import functools
 import importlib.metadata
 import importlib.util
-import os
+from typing import Any, Sequence
 
 import jax
+import jax.extend.core
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lax.lax import canonicalize_precision
+from jax._src import dispatch
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+IMPLS = ("auto", "onednn", "xla")
 _TARGETS = {"vgg_flax_conv_fwd": "VggFlaxConvFwd",
             "vgg_flax_conv_bias_fwd": "VggFlaxConvBiasFwd",
             "vgg_flax_conv_bwd_data": "VggFlaxConvBwdData",
             "vgg_flax_conv_bwd_weights": "VggFlaxConvBwdWeights",
             "vgg_flax_conv_bwd_weights_bias": "VggFlaxConvBwdWeightsBias"}
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_FLOATS = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 
+
+# ---- the extension ---------------------------------------------------------------------------
 
 def _preload_libdnnl() -> None:
     # The onednn-cpu-gomp wheel puts libdnnl.so.3 in <prefix>/lib, which is on no library path:
@@ -57,7 +73,8 @@ def _preload_libdnnl() -> None:
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(the extension, "") once registered with XLA, or (None, why not)."""
+    """(the extension, "") once registered with XLA, or (None, why not). Called when a program
+    is first lowered for CPU, never at import."""
     spec = importlib.util.find_spec("vgg_flax._onednn_conv")
     if spec is None or not spec.origin:
         return None, ("vgg_flax's oneDNN extension is not built (it is built by `pip install` on "
@@ -75,24 +92,21 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 @functools.cache
-def _cpu_supports(dtype_name: str) -> bool:
-    # bf16 convolutions need AVX-512 (or newer) in oneDNN; older x86 CPUs get XLA's.
-    return bool(_load()[0].VggFlaxOnednnSupports(int(dtype_name == "bfloat16")))
-
-
-def _opted_out() -> bool:
-    return os.environ.get("VGG_FLAX_CONV", "").lower() == "xla"
+def cpu_supports(dtype: Any) -> bool:
+    """Whether this CPU has oneDNN kernels for ``dtype`` convolutions (bf16 needs AVX-512)."""
+    lib = _load()[0]
+    return lib is not None and bool(lib.VggFlaxOnednnSupports(
+        int(np.dtype(dtype) == np.dtype(jnp.bfloat16))))
 
 
 def available() -> bool:
-    """Whether VGGs traced now run oneDNN convolutions: built, loaded, registered with XLA:CPU,
-    and not turned off with ``VGG_FLAX_CONV=xla``."""
-    return not _opted_out() and _load()[0] is not None
+    """Whether the extension is built, loads and is registered with XLA:CPU."""
+    return _load()[0] is not None
 
 
 def why_unavailable() -> str:
     """One line saying why :func:`available` is False ("" when it is True)."""
-    return "VGG_FLAX_CONV=xla is set" if _opted_out() else _load()[1]
+    return _load()[1]
 
 
 def version() -> str | None:
@@ -101,18 +115,78 @@ def version() -> str | None:
     return lib.VggFlaxOnednnVersion().decode() if lib is not None else None
 
 
-# ---- the custom calls, each partitioned along the batch and batched under vmap ------------
+# ---- geometry --------------------------------------------------------------------------------
 
-def _ffi(target, out, operands, geometry):
-    strides, padding, dilation = geometry
-    # no vmap_method: _op's custom_vmap rule batches these calls, so none reaches vmap bare
+def _out_hw(h, k, stride, pad, dilation):
+    return (h + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
+
+
+def geometry(x_shape, w_shape, strides=(1, 1), padding: Any = "VALID", dilation=(1, 1)):
+    """(strides, padding pairs, dilation) as hashable tuples of ints; padding may be a string."""
+    dilation = tuple(int(d) for d in dilation)
+    strides = tuple(int(s) for s in strides)
+    if isinstance(padding, str):
+        k = [(w_shape[i] - 1) * dilation[i] + 1 for i in range(2)]
+        padding = lax.padtype_to_pads(x_shape[1:3], k, strides, padding)
+    return strides, tuple((int(lo), int(hi)) for lo, hi in padding), dilation
+
+
+def _runs_on_onednn(x_dtype, geom) -> str:
+    """"" when oneDNN can run this convolution, else why not."""
+    strides, padding, dilation = geom
+    if np.dtype(x_dtype) not in _FLOATS:
+        return f"oneDNN convolutions take float32 or bfloat16 activations, not {np.dtype(x_dtype)}"
+    if any(p < 0 for pair in padding for p in pair) or min(dilation) < 1 or min(strides) < 1:
+        return "negative padding or non-positive strides/dilation"
+    if not available():
+        return why_unavailable()
+    if not cpu_supports(x_dtype):
+        return f"this CPU has no oneDNN kernels for {np.dtype(x_dtype)} convolutions"
+    return ""
+
+
+# ---- XLA's convolution: the other platforms, and CPUs without the extension -------------------
+
+def _dn(x_shape, w_shape):
+    return lax.conv_dimension_numbers(x_shape, w_shape, _NHWC)
+
+
+def _lax_conv(x, w, b=None, *, geom, relu, precision, strict=False):
+    del strict
+    strides, padding, dilation = geom
+    y = lax.conv_general_dilated(x, w.astype(x.dtype), strides, padding, rhs_dilation=dilation,
+                                 dimension_numbers=_dn(x.shape, w.shape), precision=precision)
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return jnp.maximum(y, 0) if relu else y
+
+
+def _lax_bwd_data(dy, w, *, geom, x_hw, precision, strict=False):
+    x = jax.ShapeDtypeStruct((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
+    conv = functools.partial(_lax_conv, w=w, geom=geom, relu=False, precision=precision)
+    return jax.linear_transpose(conv, x)(dy)[0]
+
+
+def _lax_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict=False):
+    w = jax.ShapeDtypeStruct(tuple(w_shape), x.dtype)
+    conv = functools.partial(_lax_conv, x, geom=geom, relu=False, precision=precision)
+    out = [jax.linear_transpose(conv, w)(dy)[0].astype(w_dtype)]
+    if b_dtype is not None:
+        out.append(dy.astype(jnp.float32).sum((0, 1, 2)).astype(b_dtype))
+    return out
+
+
+# ---- oneDNN through XLA FFI, partitioned along the batch ---------------------------------------
+
+def _ffi(target, out, operands, geom):
+    strides, padding, dilation = geom
     return jax.ffi.ffi_call(target, out)(
         *operands, strides=np.asarray(strides, np.int64),
         padding=np.asarray([p for pair in padding for p in pair], np.int64),
         dilation=np.asarray(dilation, np.int64))
 
 
-def _batch_spec(sharding):
+def _batch_axes(sharding):
     spec = getattr(sharding, "spec", None)
     return spec[0] if spec else None
 
@@ -123,32 +197,27 @@ def _axis_names(axes) -> tuple[str, ...]:
     return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
-def _op(target: str, rule: str, out, geometry, *, weight_gradient: bool = False):
+def _partitioned(target: str, rule: str, out, geom, *, weight_gradient: bool = False):
     """The custom call ``target`` as a function of its operands, for one geometry.
 
     ``rule`` names each dimension (Shardy's notation); ``n`` is the batch. Sharded, every device
     runs the call on its slice of the batch with the kernel (and bias) whole. A weight gradient
-    (``weight_gradient``) has no batch dimension: each device sums over its own slice, then the
-    slices' sums are added across the batch axes (an all-reduce). Under ``jax.vmap`` a mapped
-    axis of the first operand alone folds into the batch (one call); anything else (mapped
-    kernels, per-example weight gradients) is one call per mapped element, in sequence.
+    has no batch dimension: each device sums over its own slice, then the slices' sums are added
+    across the batch axes (an all-reduce).
     """
     n_operands = rule.split("->")[0].count(",") + 1
     factors = rule.replace(",", " ").replace("->", " ").split()
 
-    def call(*operands):
-        # called on global shapes, and on each device's slice when partitioned
-        local = out if weight_gradient else _sds((operands[0].shape[0], *out.shape[1:]),
-                                                 out.dtype)
-        return _ffi(target, local, operands, geometry)
+    def call(*operands):  # on global shapes, and on each device's slice when partitioned
+        local = out if weight_gradient else jax.ShapeDtypeStruct(
+            (operands[0].shape[0], *out.shape[1:]), out.dtype)
+        return _ffi(target, local, operands, geom)
 
     op = custom_partitioning(call)
 
     def shardings(mesh, arg_shapes):
-        axes = _batch_spec(arg_shapes[0].sharding)
-        batch = NamedSharding(mesh, P(axes, None, None, None))
-        replicated = NamedSharding(mesh, P())
-        return axes, batch, replicated
+        axes = _batch_axes(arg_shapes[0].sharding)
+        return axes, NamedSharding(mesh, P(axes, None, None, None)), NamedSharding(mesh, P())
 
     def partition(mesh, arg_shapes, result_shape):
         axes, batch, replicated = shardings(mesh, arg_shapes)
@@ -158,8 +227,7 @@ def _op(target: str, rule: str, out, geometry, *, weight_gradient: bool = False)
             def lower(*operands):
                 grads = call(*operands)
                 return jax.tree.map(lambda g: lax.psum(g, names), grads) if names else grads
-            return (mesh, lower, jax.tree.map(lambda _: replicated, out),
-                    (batch,) * n_operands)
+            return (mesh, lower, jax.tree.map(lambda _: replicated, out), (batch,) * n_operands)
         # (x or dy, w[, b]): the batch stays split, the kernel and bias are whole everywhere
         return mesh, call, batch, (batch,) + (replicated,) * (n_operands - 1)
 
@@ -172,127 +240,298 @@ def _op(target: str, rule: str, out, geometry, *, weight_gradient: bool = False)
                      **({"reduction_factors": ("n",)} if weight_gradient else {}),
                      need_replication_factors=tuple(dict.fromkeys(f for f in factors
                                                                   if f != "n")))
-
-    @jax.custom_batching.custom_vmap
-    def batched(*operands):
-        return op(*operands)
-
-    @batched.def_vmap
-    def vmap_rule(axis_size, in_batched, *operands):
-        out_batched = jax.tree.map(lambda _: True, out)
-        if not weight_gradient and in_batched[0] and not any(in_batched[1:]):
-            a = operands[0]  # (mapped, N, ...) -> (mapped * N, ...): ``call`` follows N
-            y = op(a.reshape(-1, *a.shape[2:]), *operands[1:])
-            return y.reshape(axis_size, *out.shape), out_batched
-        operands = tuple(o if b else jax.numpy.broadcast_to(o, (axis_size, *o.shape))
-                         for o, b in zip(operands, in_batched))
-        return lax.map(lambda ops: batched(*ops), operands), out_batched
-
-    return batched
+    return op
 
 
-def _sds(shape, dtype):
-    return jax.ShapeDtypeStruct(tuple(shape), dtype)
-
-
-def _out_hw(h, k, stride, pad, dilation):
-    return (h + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
-
-
-def _y_shape(x, w, geometry):
-    strides, padding, dilation = geometry
-    return (x.shape[0], *[_out_hw(x.shape[1 + i], w.shape[i], strides[i], padding[i],
-                                  dilation[i]) for i in range(2)], w.shape[3])
-
-
-def _forward(x, w, b, geometry):
-    out = _sds(_y_shape(x, w, geometry), x.dtype)
+def _onednn_conv(x, w, b=None, *, geom, relu, precision, strict=False):
+    # float32 accumulation meets every ``precision`` (HIGHEST included)
+    del precision, strict
+    out = jax.ShapeDtypeStruct(_y_shape(x.shape, w.shape, geom), x.dtype)
+    w = w.astype(x.dtype)
     if b is None:
-        return _op("vgg_flax_conv_fwd", "n h w c, i j c o -> n p q o", out, geometry)(x, w)
-    return _op("vgg_flax_conv_bias_fwd", "n h w c, i j c o, o -> n p q o", out, geometry)(x, w, b)
+        y = _partitioned("vgg_flax_conv_fwd", "n h w c, i j c o -> n p q o", out, geom)(x, w)
+    else:
+        b = b if b.dtype in _FLOATS else b.astype(jnp.float32)
+        y = _partitioned("vgg_flax_conv_bias_fwd", "n h w c, i j c o, o -> n p q o", out,
+                         geom)(x, w, b)
+    return jnp.maximum(y, 0) if relu else y
 
 
-def _backward(x, w, b, dy, geometry):
-    dx = _op("vgg_flax_conv_bwd_data", "n p q o, i j c o -> n h w c", _sds(x.shape, x.dtype),
-             geometry)(dy, w)
-    if b is None:
-        dw = _op("vgg_flax_conv_bwd_weights", "n h w c, n p q o -> i j c o",
-                 _sds(w.shape, w.dtype), geometry, weight_gradient=True)(x, dy)
-        return dx, dw, None
-    dw, db = _op("vgg_flax_conv_bwd_weights_bias", "n h w c, n p q o -> i j c o, o",
-                 (_sds(w.shape, w.dtype), _sds(b.shape, b.dtype)), geometry,
-                 weight_gradient=True)(x, dy)
-    return dx, dw, db
+def _onednn_bwd_data(dy, w, *, geom, x_hw, precision, strict=False):
+    del precision, strict
+    out = jax.ShapeDtypeStruct((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
+    return _partitioned("vgg_flax_conv_bwd_data", "n p q o, i j c o -> n h w c", out,
+                        geom)(dy, w.astype(dy.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _conv(x, w, b, geometry):
-    return _forward(x, w, b, geometry)
+def _onednn_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict=False):
+    del precision, strict
+    dw = jax.ShapeDtypeStruct(tuple(w_shape), x.dtype)
+    if b_dtype is None:
+        out = [_partitioned("vgg_flax_conv_bwd_weights", "n h w c, n p q o -> i j c o", dw, geom,
+                            weight_gradient=True)(x, dy)]
+    else:
+        db = jax.ShapeDtypeStruct((w_shape[3],), b_dtype)
+        out = list(_partitioned("vgg_flax_conv_bwd_weights_bias",
+                                "n h w c, n p q o -> i j c o, o", (dw, db), geom,
+                                weight_gradient=True)(x, dy))
+    out[0] = out[0].astype(w_dtype)
+    return out
 
 
-def _conv_vjp_fwd(x, w, b, geometry):
-    return _forward(x, w, b, geometry), (x, w, b)
+# ---- the primitives ----------------------------------------------------------------------------
+
+conv_p = jax.extend.core.Primitive("vgg_flax_conv")
+bwd_data_p = jax.extend.core.Primitive("vgg_flax_conv_bwd_data")
+bwd_weights_p = jax.extend.core.Primitive("vgg_flax_conv_bwd_weights")
+bwd_weights_p.multiple_results = True  # [dw] or [dw, db]
 
 
-def _conv_vjp_bwd(geometry, res, dy):
-    return _backward(*res, dy, geometry)
+def _y_shape(x_shape, w_shape, geom):
+    strides, padding, dilation = geom
+    return (x_shape[0], *[_out_hw(x_shape[1 + i], w_shape[i], strides[i], padding[i],
+                                  dilation[i]) for i in range(2)], w_shape[3])
 
 
-_conv.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
+def _conv_abstract(x, w, *b, geom, relu, precision, strict):
+    return jax.core.ShapedArray(_y_shape(x.shape, w.shape, geom), x.dtype)
 
 
-def conv(x, w, geometry, bias=None):
-    """oneDNN convolution of NHWC ``x`` with HWIO ``w``, plus ``bias`` (one value per output
-    channel, folded into oneDNN's forward and weight-gradient passes) when given;
-    ``geometry`` = (strides, padding pairs, kernel dilation) as tuples, from :func:`supports`."""
-    return _conv(x, w, bias, geometry)
+def _bwd_data_abstract(dy, w, *, geom, x_hw, precision, strict):
+    return jax.core.ShapedArray((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
 
 
-def supports(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-             dimension_numbers=None, feature_group_count=1, preferred_element_type=None,
-             **unknown) -> tuple | None:
-    """The geometry :func:`conv` needs when it can run this convolution, else None."""
-    if unknown or feature_group_count != 1 or lhs.ndim != 4 or rhs.ndim != 4:
-        return None
-    if not (lhs.dtype == rhs.dtype and lhs.dtype in (np.float32, jax.numpy.bfloat16)):
-        return None
-    if preferred_element_type is not None and preferred_element_type != lhs.dtype:
-        return None
-    if available() and not _cpu_supports(np.dtype(lhs.dtype).name):
-        return None
-    if dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
-        return None
-    if tuple(lhs_dilation or (1, 1)) != (1, 1):
-        return None
-    dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        k = [(rhs.shape[i] - 1) * dilation[i] + 1 for i in range(2)]
-        padding = lax.padtype_to_pads(lhs.shape[1:3], k, strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if any(p < 0 for pair in padding for p in pair) or min(dilation) < 1:
-        return None
-    if any(_out_hw(lhs.shape[1 + i], rhs.shape[i], strides[i], padding[i], dilation[i]) < 1
-           for i in range(2)):
-        return None
-    return strides, padding, dilation
+def _bwd_weights_abstract(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict):
+    out = [jax.core.ShapedArray(tuple(w_shape), w_dtype)]
+    if b_dtype is not None:
+        out.append(jax.core.ShapedArray((w_shape[3],), b_dtype))
+    return out
+
+
+def _eager(prim, *args, **params):
+    return jax.jit(functools.partial(prim.bind, **params))(*args)
+
+
+def _lowering(onednn_impl, lax_impl, multiple_results=False):
+    def cpu(ctx, *args, geom, strict, **params):
+        x_dtype = ctx.avals_in[0].dtype
+        why = _runs_on_onednn(x_dtype, geom)
+        if why and strict:
+            raise ValueError(f"conv='onednn' cannot run this convolution here: {why}; "
+                             "use conv='auto' (XLA's convolution where oneDNN cannot run)")
+        impl = lax_impl if why else onednn_impl
+        return mlir.lower_fun(functools.partial(impl, geom=geom, **params),
+                              multiple_results)(ctx, *args)
+
+    def other(ctx, *args, geom, strict, **params):
+        if strict:
+            raise ValueError("conv='onednn' runs on CPU only; use conv='auto' on "
+                             f"{ctx.module_context.platforms}")
+        return mlir.lower_fun(functools.partial(lax_impl, geom=geom, **params),
+                              multiple_results)(ctx, *args)
+    return cpu, other
+
+
+for _p, _abstract, _onednn, _lax, _multi in [
+        (conv_p, _conv_abstract, _onednn_conv, _lax_conv, False),
+        (bwd_data_p, _bwd_data_abstract, _onednn_bwd_data, _lax_bwd_data, False),
+        (bwd_weights_p, _bwd_weights_abstract, _onednn_bwd_weights, _lax_bwd_weights, True)]:
+    _p.def_abstract_eval(_abstract)
+    _p.def_impl(functools.partial(_eager, _p))
+    # The CPU lowering partitions along the batch (custom_partitioning), which needs the
+    # devices: so does any program holding these, as for JAX's own cuDNN attention primitives.
+    dispatch.prim_requires_devices_during_lowering.add(_p)
+    _cpu, _other = _lowering(_onednn, _lax, _multi)
+    mlir.register_lowering(_p, _cpu, platform="cpu")
+    mlir.register_lowering(_p, _other)
+
+
+# -- differentiation: each primitive is bilinear; the family is closed under transposition --
+
+def _zero(t) -> bool:
+    return type(t) is ad.Zero
+
+
+def _add(terms, like):
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return ad.Zero(jax.typeof(like).to_tangent_aval())
+    return functools.reduce(lax.add, terms)
+
+
+def _bias_grad(ct, b_dtype):
+    return ct.astype(jnp.float32).sum((0, 1, 2)).astype(b_dtype)
+
+
+def _conv_jvp(primals, tangents, *, geom, relu, precision, strict):
+    x, w, *b = primals
+    dx, dw, *db = tangents
+    kw = dict(geom=geom, precision=precision, strict=strict)
+    y = conv_p.bind(x, w, *b, relu=relu, **kw)
+    db = [t for t in db if not _zero(t)]
+    # The bias tangent rides with the kernel's, so that the transpose of that term is one
+    # fused weight-and-bias gradient call.
+    terms = [None if _zero(dx) else conv_p.bind(dx, w, relu=False, **kw),
+             None if _zero(dw) else conv_p.bind(x, dw, *db, relu=False, **kw),
+             lax.broadcast_in_dim(db[0].astype(y.dtype), y.shape, (3,))
+             if db and _zero(dw) else None]
+    dy = _add(terms, y)
+    if relu and not _zero(dy):
+        dy = lax.select(y > 0, dy, lax.full_like(dy, 0))
+    return y, dy
+
+
+def _conv_transpose(ct, x, w, *b, geom, relu, precision, strict):
+    assert not relu, "a ReLU-fused convolution is not linear"
+    kw = dict(geom=geom, precision=precision, strict=strict)
+    bias_linear = bool(b) and ad.is_undefined_primal(b[0])
+    outs: list[Any] = [None, None] + [None] * len(b)
+    if _zero(ct):
+        return [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in (x, w, *b)]
+    if ad.is_undefined_primal(x):
+        outs[0] = bwd_data_p.bind(ct, w, x_hw=tuple(x.aval.shape[1:3]), **kw)
+    if ad.is_undefined_primal(w):
+        grads = bwd_weights_p.bind(x, ct, w_shape=tuple(w.aval.shape), w_dtype=w.aval.dtype,
+                                   b_dtype=b[0].aval.dtype if bias_linear else None, **kw)
+        outs[1] = grads[0]
+        if bias_linear:
+            outs[2] = grads[1]
+    elif bias_linear:
+        outs[2] = _bias_grad(ct, b[0].aval.dtype)
+    return outs
+
+
+def _bwd_data_jvp(primals, tangents, *, geom, x_hw, precision, strict):
+    (dy, w), (ddy, dw) = primals, tangents
+    kw = dict(geom=geom, x_hw=x_hw, precision=precision, strict=strict)
+    out = bwd_data_p.bind(dy, w, **kw)
+    return out, _add([None if _zero(ddy) else bwd_data_p.bind(ddy, w, **kw),
+                      None if _zero(dw) else bwd_data_p.bind(dy, dw, **kw)], out)
+
+
+def _bwd_data_transpose(ct, dy, w, *, geom, x_hw, precision, strict):
+    # <c, bwd_data(dy, w)> = <conv(c, w), dy>: the transpose in dy is conv, in w bwd_weights.
+    kw = dict(geom=geom, precision=precision, strict=strict)
+    if _zero(ct):
+        return [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in (dy, w)]
+    ct_dy = conv_p.bind(ct, w, relu=False, **kw) if ad.is_undefined_primal(dy) else None
+    ct_w = (bwd_weights_p.bind(ct, dy, w_shape=tuple(w.aval.shape), w_dtype=w.aval.dtype,
+                               b_dtype=None, **kw)[0] if ad.is_undefined_primal(w) else None)
+    return [ct_dy, ct_w]
+
+
+def _bwd_weights_jvp(primals, tangents, *, geom, w_shape, w_dtype, b_dtype, precision, strict):
+    (x, dy), (dx, ddy) = primals, tangents
+    kw = dict(geom=geom, w_shape=w_shape, w_dtype=w_dtype, precision=precision, strict=strict)
+    out = bwd_weights_p.bind(x, dy, b_dtype=b_dtype, **kw)
+    by_ddy = None if _zero(ddy) else bwd_weights_p.bind(x, ddy, b_dtype=b_dtype, **kw)
+    by_dx = None if _zero(dx) else bwd_weights_p.bind(dx, dy, b_dtype=None, **kw)[0]
+    tangent = [_add([by_ddy and by_ddy[0], by_dx], out[0])]
+    if b_dtype is not None:  # db = sum(dy) does not depend on x
+        tangent.append(by_ddy[1] if by_ddy else
+                       ad.Zero(jax.typeof(out[1]).to_tangent_aval()))
+    return out, tangent
+
+
+def _bwd_weights_transpose(cts, x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict):
+    # <C, bwd_weights(x, dy)> = <conv(x, C), dy>: the transpose in x is bwd_data(dy, C), in dy
+    # conv(x, C) (+ the bias cotangent, which pairs with sum(dy)).
+    kw = dict(geom=geom, precision=precision, strict=strict)
+    cw, cb = cts[0], (cts[1] if b_dtype is not None else ad.Zero(None))
+    ct_x = ct_dy = None
+    if ad.is_undefined_primal(x):
+        ct_x = (ad.Zero(x.aval) if _zero(cw) else
+                bwd_data_p.bind(dy, cw, x_hw=tuple(x.aval.shape[1:3]), **kw))
+    if ad.is_undefined_primal(dy):
+        if _zero(cw) and _zero(cb):
+            ct_dy = ad.Zero(dy.aval)
+        elif _zero(cw):
+            ct_dy = lax.broadcast_in_dim(cb.astype(dy.aval.dtype), dy.aval.shape, (3,))
+        else:
+            ct_dy = conv_p.bind(x, cw, *([] if _zero(cb) else [cb]), relu=False, **kw)
+    return [ct_x, ct_dy]
+
+
+ad.primitive_jvps[conv_p] = _conv_jvp
+ad.primitive_transposes[conv_p] = _conv_transpose
+ad.primitive_jvps[bwd_data_p] = _bwd_data_jvp
+ad.primitive_transposes[bwd_data_p] = _bwd_data_transpose
+ad.primitive_jvps[bwd_weights_p] = _bwd_weights_jvp
+ad.primitive_transposes[bwd_weights_p] = _bwd_weights_transpose
+
+
+# -- vmap: a mapped batch of the activations alone folds into N; anything else loops --------
+
+def _batcher(prim, foldable: bool):
+    def rule(args, dims, **params):
+        mapped = [d is not None for d in dims]
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        args = [jnp.moveaxis(a, d, 0) if d is not None else a for a, d in zip(args, dims)]
+        if foldable and mapped[0] and not any(mapped[1:]):
+            a = args[0]  # (mapped, N, ...) -> (mapped * N, ...): the call follows N
+            y = prim.bind(a.reshape(-1, *a.shape[2:]), *args[1:], **params)
+            return y.reshape(size, a.shape[1], *y.shape[1:]), 0
+
+        def one(sliced):
+            it = iter(sliced)
+            return prim.bind(*[next(it) if m else a for a, m in zip(args, mapped)], **params)
+        out = lax.map(one, [a for a, m in zip(args, mapped) if m])
+        return out, ([0] * len(out) if prim.multiple_results else 0)
+    return rule
+
+
+batching.primitive_batchers[conv_p] = _batcher(conv_p, foldable=True)
+batching.primitive_batchers[bwd_data_p] = _batcher(bwd_data_p, foldable=True)
+batching.primitive_batchers[bwd_weights_p] = _batcher(bwd_weights_p, foldable=False)
+
+
+# ---- public ----------------------------------------------------------------------------------
+
+def conv(x, w, b=None, *, strides: Sequence[int] = (1, 1), padding: Any = ((0, 0), (0, 0)),
+         dilation: Sequence[int] = (1, 1), relu: bool = False, precision: Any = None,
+         impl: str = "auto"):
+    """``relu?(conv(x, w) + b)`` for NHWC ``x`` and an HWIO ``w``; the result has ``x``'s dtype.
+
+    ``impl``: "auto" (oneDNN on CPU where it can run, XLA's convolution elsewhere), "onednn"
+    (oneDNN or an error) or "xla" (``lax.conv_general_dilated``). ``precision`` goes to XLA's
+    convolution; oneDNN accumulates float32 in float32, which meets every level. ``w`` and ``b``
+    are used in ``x``'s dtype (see the module docstring for how oneDNN avoids the cast).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"conv implementation must be one of {IMPLS}, got {impl!r}")
+    geom = geometry(x.shape, w.shape, strides, padding, dilation)
+    precision = canonicalize_precision(precision)
+    params = [a for a in (w, b) if a is not None]
+    why = next((f"oneDNN convolutions take float32 or bfloat16 parameters, not {a.dtype}"
+                for a in params if np.dtype(a.dtype) not in _FLOATS), "")
+    if np.dtype(x.dtype) not in _FLOATS or any(p < 0 for pair in geom[1] for p in pair):
+        why = _runs_on_onednn(x.dtype, geom)  # says which, without loading anything
+    if impl == "onednn":
+        why = why or _runs_on_onednn(x.dtype, geom)
+        if why:
+            raise ValueError(f"conv='onednn' cannot run this convolution here: {why}; "
+                             "use conv='auto' (XLA's convolution where oneDNN cannot run)")
+    if impl == "xla" or why:
+        return _lax_conv(x, w, b, geom=geom, relu=relu, precision=precision)
+    bias = [] if b is None else [b]
+    return conv_p.bind(x, w, *bias, geom=geom, relu=bool(relu), precision=precision,
+                       strict=impl == "onednn")
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, preferred_element_type=None, **unknown):
-    """``lax.conv_general_dilated`` on oneDNN where :func:`supports` says it can, else lax's own.
-
-    ``precision`` is moot on oneDNN: float32 convolutions accumulate in float32 (as
-    ``Precision.HIGHEST``), bfloat16 ones in float32 and round once.
-    """
-    geometry = supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                        dimension_numbers, feature_group_count, preferred_element_type,
-                        **unknown)
-    if geometry is not None and available():
-        return conv(lhs, rhs, geometry)
+    """``lax.conv_general_dilated`` through :func:`conv` where it can (NHWC/HWIO, one group, no
+    input dilation, result in the operands' dtype), else lax's own: a drop-in for
+    ``flax.linen.Conv(conv_general_dilated=...)``."""
+    nhwc = (lhs.ndim == rhs.ndim == 4
+            and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    if (nhwc and not unknown and feature_group_count == 1 and lhs.dtype == rhs.dtype
+            and tuple(lhs_dilation or (1, 1)) == (1, 1)
+            and preferred_element_type in (None, lhs.dtype)):
+        return conv(lhs, rhs, strides=window_strides, padding=padding,
+                    dilation=rhs_dilation or (1, 1), precision=precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision,
                                     preferred_element_type=preferred_element_type, **unknown)
-
