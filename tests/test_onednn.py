@@ -138,6 +138,13 @@ def test_mixed_dtypes_round_the_kernel_inside():
     assert np.abs(f32(y) - want).max() <= 2 ** -8 * np.abs(want).max()
     dx, dw, db = vjp(jnp.ones_like(y))
     assert (dx.dtype, dw.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    # ReLU applied as oneDNN writes y, and its derivative (0 where y is 0)
+    relu = lambda x, w, b: onednn.conv(x, w, b, padding="SAME", relu=True)  # noqa: E731
+    y_relu, vjp_relu = jax.vjp(relu, x, w, b)
+    np.testing.assert_array_equal(f32(y_relu), np.maximum(f32(y), 0))
+    want = jax.vjp(lambda *a: jnp.maximum(f(*a), 0), x, w, b)[1](jnp.ones_like(y))
+    for got, ref in zip(vjp_relu(jnp.ones_like(y)), want):
+        np.testing.assert_array_equal(f32(got), f32(ref))
 
 
 def test_vmap_and_remat():

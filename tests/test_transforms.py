@@ -46,7 +46,7 @@ def net():
     model = vgg_flax.create("vgg11", width=1 / 8, hidden_size=16, num_classes=4,
                             pool_size=(1, 1), dropout_rate=0.0)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = randomize(model.init(jax.random.key(0), x))
+    variables = randomize(jax.jit(model.init)(jax.random.key(0), x))
     return model, variables["params"], x
 
 

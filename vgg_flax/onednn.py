@@ -178,12 +178,12 @@ def _lax_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, stric
 
 # ---- oneDNN through XLA FFI, partitioned along the batch ---------------------------------------
 
-def _ffi(target, out, operands, geom):
+def _ffi(target, out, operands, geom, **attrs):
     strides, padding, dilation = geom
     return jax.ffi.ffi_call(target, out)(
         *operands, strides=np.asarray(strides, np.int64),
         padding=np.asarray([p for pair in padding for p in pair], np.int64),
-        dilation=np.asarray(dilation, np.int64))
+        dilation=np.asarray(dilation, np.int64), **attrs)
 
 
 def _batch_axes(sharding):
@@ -197,7 +197,8 @@ def _axis_names(axes) -> tuple[str, ...]:
     return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
-def _partitioned(target: str, rule: str, out, geom, *, weight_gradient: bool = False):
+def _partitioned(target: str, rule: str, out, geom, *, weight_gradient: bool = False,
+                 **attrs):
     """The custom call ``target`` as a function of its operands, for one geometry.
 
     ``rule`` names each dimension (Shardy's notation); ``n`` is the batch. Sharded, every device
@@ -211,7 +212,7 @@ def _partitioned(target: str, rule: str, out, geom, *, weight_gradient: bool = F
     def call(*operands):  # on global shapes, and on each device's slice when partitioned
         local = out if weight_gradient else jax.ShapeDtypeStruct(
             (operands[0].shape[0], *out.shape[1:]), out.dtype)
-        return _ffi(target, local, operands, geom)
+        return _ffi(target, local, operands, geom, **attrs)
 
     op = custom_partitioning(call)
 
@@ -243,40 +244,37 @@ def _partitioned(target: str, rule: str, out, geom, *, weight_gradient: bool = F
     return op
 
 
+# Kernel and bias go in, and their gradients come out, in their own dtypes (the extension
+# rounds the kernel while reordering it), and ReLU is applied as the output is written.
+# float32 accumulation meets every ``precision`` (HIGHEST included).
+
 def _onednn_conv(x, w, b=None, *, geom, relu, precision, strict=False):
-    # float32 accumulation meets every ``precision`` (HIGHEST included)
     del precision, strict
     out = jax.ShapeDtypeStruct(_y_shape(x.shape, w.shape, geom), x.dtype)
-    w = w.astype(x.dtype)
+    relu = np.int64(relu)
     if b is None:
-        y = _partitioned("vgg_flax_conv_fwd", "n h w c, i j c o -> n p q o", out, geom)(x, w)
-    else:
-        b = b if b.dtype in _FLOATS else b.astype(jnp.float32)
-        y = _partitioned("vgg_flax_conv_bias_fwd", "n h w c, i j c o, o -> n p q o", out,
-                         geom)(x, w, b)
-    return jnp.maximum(y, 0) if relu else y
+        return _partitioned("vgg_flax_conv_fwd", "n h w c, i j c o -> n p q o", out, geom,
+                            relu=relu)(x, w)
+    return _partitioned("vgg_flax_conv_bias_fwd", "n h w c, i j c o, o -> n p q o", out, geom,
+                        relu=relu)(x, w, b)
 
 
 def _onednn_bwd_data(dy, w, *, geom, x_hw, precision, strict=False):
     del precision, strict
     out = jax.ShapeDtypeStruct((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
     return _partitioned("vgg_flax_conv_bwd_data", "n p q o, i j c o -> n h w c", out,
-                        geom)(dy, w.astype(dy.dtype))
+                        geom)(dy, w)
 
 
 def _onednn_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict=False):
     del precision, strict
-    dw = jax.ShapeDtypeStruct(tuple(w_shape), x.dtype)
+    dw = jax.ShapeDtypeStruct(tuple(w_shape), w_dtype)
     if b_dtype is None:
-        out = [_partitioned("vgg_flax_conv_bwd_weights", "n h w c, n p q o -> i j c o", dw, geom,
-                            weight_gradient=True)(x, dy)]
-    else:
-        db = jax.ShapeDtypeStruct((w_shape[3],), b_dtype)
-        out = list(_partitioned("vgg_flax_conv_bwd_weights_bias",
-                                "n h w c, n p q o -> i j c o, o", (dw, db), geom,
-                                weight_gradient=True)(x, dy))
-    out[0] = out[0].astype(w_dtype)
-    return out
+        return [_partitioned("vgg_flax_conv_bwd_weights", "n h w c, n p q o -> i j c o", dw,
+                             geom, weight_gradient=True)(x, dy)]
+    db = jax.ShapeDtypeStruct((w_shape[3],), b_dtype)
+    return list(_partitioned("vgg_flax_conv_bwd_weights_bias", "n h w c, n p q o -> i j c o, o",
+                             (dw, db), geom, weight_gradient=True)(x, dy))
 
 
 # ---- the primitives ----------------------------------------------------------------------------

@@ -6,7 +6,11 @@
 // README, "Performance", has the measurements.
 //
 // Three handlers, one per direction, for NHWC activations and HWIO kernels (Flax's layouts),
-// float32 or bfloat16 operands (bf16 accumulates in f32 inside oneDNN, as torch's autocast does):
+// float32 or bfloat16 activations (bf16 accumulates in f32 inside oneDNN, as torch's autocast
+// does). The kernel (and bias) may be float32 under bf16 activations: the reorder into oneDNN's
+// blocked layout that every call makes anyway rounds it, so a bf16 model with f32 parameters
+// pays no separate cast, and its weight gradient comes back in f32 (oneDNN accumulates it in
+// f32 and the reorder back writes the caller's dtype).
 //   vgg_flax_conv_fwd          y  = conv(x, w)
 //   vgg_flax_conv_bwd_data     dx = conv_backward_data(dy, w)
 //   vgg_flax_conv_bwd_weights  dw = conv_backward_weights(x, dy)
@@ -14,7 +18,9 @@
 // reads dy for dw, instead of two more passes over the activations in XLA):
 //   vgg_flax_conv_bias_fwd             y = conv(x, w) + b
 //   vgg_flax_conv_bwd_weights_bias     dw, db = conv_backward_weights(x, dy), sum(dy)
-// Attributes: strides[2], padding[4] = (top, bottom, left, right), dilation[2] (1 = dense).
+// Attributes: strides[2], padding[4] = (top, bottom, left, right), dilation[2] (1 = dense);
+// the forward calls also take relu (0/1): ReLU applied as oneDNN writes y (a post-op), which
+// saves XLA a pass over every activation.
 // Primitives are built once per shape and kept; the kernel is reordered to oneDNN's preferred
 // blocked layout on every call (weights change every training step; it costs ~1% of the conv).
 #include <cstdint>
@@ -39,7 +45,9 @@ struct Geometry {
   int64_t kh, kw, o;      // kernel
   int64_t oh, ow;         // output
   int64_t stride[2], pad[4], dilation[2];
-  memory::data_type dt;
+  memory::data_type dt;                 // activations, and what the convolution computes in
+  memory::data_type wdt;                // the caller's kernel (and kernel gradient)
+  bool relu = false;                    // forward only
   bool bias = false;
   memory::data_type bias_dt = memory::data_type::undef;
 };
@@ -62,6 +70,7 @@ dnnl::engine& Engine() {
 std::string Key(Kind kind, const Geometry& g) {
   std::string key = std::to_string(static_cast<int>(kind)) + ":" +
                     std::to_string(static_cast<int>(g.dt)) + ":" +
+                    std::to_string(static_cast<int>(g.wdt)) + (g.relu ? ":relu:" : ":") +
                     (g.bias ? std::to_string(static_cast<int>(g.bias_dt)) : "-");
   for (int64_t v : {g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh, g.ow, g.stride[0], g.stride[1],
                     g.pad[0], g.pad[1], g.pad[2], g.pad[3], g.dilation[0], g.dilation[1]}) {
@@ -84,9 +93,15 @@ std::unique_ptr<Cached> Build(Kind kind, const Geometry& g) {
   memory::desc src(src_dims, g.dt, tag::nhwc);
   memory::desc dst(dst_dims, g.dt, tag::nhwc);
   memory::desc wei_any(wei_dims, g.dt, tag::any);
-  memory::desc user_wei(wei_dims, g.dt, tag::hwio);
+  memory::desc user_wei(wei_dims, g.wdt, tag::hwio);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::primitive_attr fwd_attr = attr;
+  if (kind == Kind::kFwd && g.relu) {
+    dnnl::post_ops ops;
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    fwd_attr.set_post_ops(ops);
+  }
 
   auto c = std::make_unique<Cached>();
   c->src = src;
@@ -96,11 +111,11 @@ std::unique_ptr<Cached> Build(Kind kind, const Geometry& g) {
   auto fwd = g.bias ? dnnl::convolution_forward::primitive_desc(
                           eng, dnnl::prop_kind::forward_training,
                           dnnl::algorithm::convolution_direct, src, wei_any, c->bias, dst,
-                          strides, dilates, pad_l, pad_r, attr)
+                          strides, dilates, pad_l, pad_r, fwd_attr)
                     : dnnl::convolution_forward::primitive_desc(
                           eng, dnnl::prop_kind::forward_training,
                           dnnl::algorithm::convolution_direct, src, wei_any, dst, strides,
-                          dilates, pad_l, pad_r, attr);
+                          dilates, pad_l, pad_r, fwd_attr);
   if (kind == Kind::kFwd) {
     c->weights = fwd.weights_desc();
     c->scratchpad = fwd.scratchpad_desc();
@@ -171,8 +186,10 @@ ffi::Error Fail(const std::string& what) {
 
 ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out,
                ffi::Span<const int64_t> stride, ffi::Span<const int64_t> pad,
-               ffi::Span<const int64_t> dilation, ffi::AnyBuffer* bias = nullptr) {
+               ffi::Span<const int64_t> dilation, ffi::AnyBuffer* bias = nullptr,
+               bool relu = false) {
   // a, b, out are (x, w, y), (dy, w, dx) or (x, dy, dw).
+  // relu: forward only (the caller passes 0 for the other directions).
   if (stride.size() != 2 || pad.size() != 4 || dilation.size() != 2) {
     return Fail("expects strides[2], padding[4], dilation[2]");
   }
@@ -189,16 +206,21 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out
   g.oh = yd[1]; g.ow = yd[2];
   for (int i = 0; i < 2; ++i) { g.stride[i] = stride[i]; g.dilation[i] = dilation[i]; }
   for (int i = 0; i < 4; ++i) g.pad[i] = pad[i];
-  const auto et = a.element_type();
-  if (et == ffi::DataType::F32) {
-    g.dt = memory::data_type::f32;
-  } else if (et == ffi::DataType::BF16) {
-    g.dt = memory::data_type::bf16;
-  } else {
+  auto dtype = [](ffi::DataType t, memory::data_type* out) {
+    if (t == ffi::DataType::F32) {
+      *out = memory::data_type::f32;
+    } else if (t == ffi::DataType::BF16) {
+      *out = memory::data_type::bf16;
+    } else {
+      return false;
+    }
+    return true;
+  };
+  if (!dtype(x.element_type(), &g.dt) || !dtype(w.element_type(), &g.wdt)) {
     return Fail("float32 or bfloat16 operands only");
   }
-  if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o || b.element_type() != et ||
-      out.element_type() != et) {
+  g.relu = relu;
+  if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o || y.element_type() != x.element_type()) {
     return Fail("operand shapes or dtypes disagree");
   }
   if (bias != nullptr) {
@@ -255,8 +277,8 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out
 
 ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                ffi::Span<const int64_t> s, ffi::Span<const int64_t> p,
-               ffi::Span<const int64_t> d) {
-  return Run(Kind::kFwd, x, w, *y, s, p, d);
+               ffi::Span<const int64_t> d, int64_t relu) {
+  return Run(Kind::kFwd, x, w, *y, s, p, d, nullptr, relu != 0);
 }
 ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
                    ffi::Span<const int64_t> s, ffi::Span<const int64_t> p,
@@ -271,8 +293,8 @@ ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
 
 ffi::Error BiasFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
                    ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> s,
-                   ffi::Span<const int64_t> p, ffi::Span<const int64_t> d) {
-  return Run(Kind::kFwd, x, w, *y, s, p, d, &bias);
+                   ffi::Span<const int64_t> p, ffi::Span<const int64_t> d, int64_t relu) {
+  return Run(Kind::kFwd, x, w, *y, s, p, d, &bias, relu != 0);
 }
 ffi::Error BwdWeightsBias(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
                           ffi::Result<ffi::AnyBuffer> db, ffi::Span<const int64_t> s,
@@ -293,7 +315,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VggFlaxConvBiasFwd, BiasFwd,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() VGG_FLAX_CONV_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() VGG_FLAX_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VggFlaxConvBwdWeightsBias, BwdWeightsBias,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -311,7 +334,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VggFlaxConvBwdWeightsBias, BwdWeightsBias,
                                     .Attr<ffi::Span<const int64_t>>("padding") \
                                     .Attr<ffi::Span<const int64_t>>("dilation"));
 
-VGG_FLAX_CONV_HANDLER(VggFlaxConvFwd, Fwd)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VggFlaxConvFwd, Fwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() VGG_FLAX_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
 VGG_FLAX_CONV_HANDLER(VggFlaxConvBwdData, BwdData)
 VGG_FLAX_CONV_HANDLER(VggFlaxConvBwdWeights, BwdWeights)
 
@@ -324,7 +352,7 @@ extern "C" int VggFlaxOnednnSupports(int bf16) {
   g.stride[0] = g.stride[1] = 1;
   g.dilation[0] = g.dilation[1] = 1;
   for (auto& p : g.pad) p = 1;
-  g.dt = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+  g.dt = g.wdt = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
   try {
     for (Kind kind : {Kind::kFwd, Kind::kBwdData, Kind::kBwdWeights}) Get(kind, g);
   } catch (const dnnl::error&) {
