@@ -1,16 +1,19 @@
 """Side-by-side speed of vgg_flax and torchvision, measured in one process, interleaved.
 
-    python benchmarks/bench.py                       # vgg16, batch 1/8/32, fp32+bf16, infer+train
+    python benchmarks/bench.py                       # vgg16, batch 8/32, fp32+bf16, infer+train
     python benchmarks/bench.py --model vgg19_bn --batch 8 --dtype bf16 --mode infer
-    python benchmarks/bench.py --levers              # also time each vgg_flax compiler lever
+    python benchmarks/bench.py --levers              # also each vgg_flax performance lever off
 
 For every (mode, dtype, batch) both frameworks are built and warmed up, then timed in
 alternation (torch, flax, torch, flax, ...) so that drift in machine load hits both alike.
 torchvision runs in both memory formats (and under bf16 autocast for bf16); the faster one is
-the baseline. Reports median img/s, the ratio vgg_flax/torchvision, achieved GFLOP/s (a
-multiply-add is two FLOPs; a training step is counted as three forward passes) against the
-machine's measured matmul peak, first-call time (for Flax: trace + compile + first run), and
-memory. Writes JSON and a markdown table.
+the baseline. The first vgg_flax row is what a user gets: ``vgg_flax.create(name, dtype=...)``
+under a plain ``jax.jit`` (a training step donating its state), no compiler options, no
+environment variables. ``--levers`` adds rows with one lever turned off each, so every lever
+shows its gain here. Reports median img/s, the ratio vgg_flax/torchvision, achieved GFLOP/s (a
+multiply-add is two FLOPs; a training step is counted as three forward passes) against a matmul
+peak measured in the same run, between the timed rounds, first-call time (for Flax: trace +
+compile + first run), and memory. Writes JSON and a markdown table.
 """
 from __future__ import annotations
 
@@ -69,37 +72,25 @@ class Candidate:
     xla_mb: float | None = None
 
 
-def measure_peak_gflops(dtype: str, device: str) -> float:
-    """The best matmul throughput torch or XLA reaches here: the ceiling we compare against.
+MATMUL_N = 2048
 
-    Square products large enough to run at full speed, warmed up, best of several.
-    """
+
+def peak_candidates(dtype: str, device: str, no_torch: bool) -> list[Candidate]:
+    """Square matmuls in torch and XLA, timed in the same rounds as the models: the ceiling
+    "% of peak" is measured against, under the same machine load (the faster median wins)."""
     import jax
     import jax.numpy as jnp
-    import torch
-    n = 4096 if device == "cpu" else 8192
-    flops = 2 * n ** 3
-    best = 0.0
-    dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
-    for i in range(4):
-        t0 = time.perf_counter()
-        c = a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            best = max(best, flops / (time.perf_counter() - t0) / 1e9)
-    del a, b, c
-    jdt = jnp.float32 if dtype == "fp32" else jnp.bfloat16
-    x = jnp.ones((n, n), jdt)
+    out = []
+    x = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32 if dtype == "fp32" else jnp.bfloat16)
     mm = jax.jit(jnp.matmul)
-    mm(x, x).block_until_ready()
-    for _ in range(3):
-        t0 = time.perf_counter()
-        mm(x, x).block_until_ready()
-        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
-    return best
+    out.append(Candidate("peak", "matmul (XLA)", lambda: mm(x, x).block_until_ready()))
+    if not no_torch:
+        import torch
+        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+        a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dt)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        out.append(Candidate("peak", "matmul (torch)", lambda: (a @ a, sync())))
+    return out
 
 
 # -- torchvision ----------------------------------------------------------------------------
@@ -144,35 +135,45 @@ def torch_candidates(name, mode, dtype, batch, size, device, num_classes) -> lis
 
 
 # -- vgg_flax -------------------------------------------------------------------------------
-def flax_candidates(name, mode, dtype, batch, size, num_classes, levers) -> list[Candidate]:
+USER = "vgg_flax (plain jax.jit)"
+
+
+def _reduce_window_pool(x, ceil_mode=False):
+    # the lever row's 2x2 pool: what nn.max_pool gives (a reduce-window; select-and-scatter
+    # gradient) instead of vgg_flax's two maxima and its custom JVP
+    import flax.linen as nn
+    pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2)) if ceil_mode else "VALID"
+    return nn.max_pool(x, (2, 2), (2, 2), padding=pad)
+
+
+def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
+                    width=1.0) -> list[Candidate]:
     import jax
     import jax.numpy as jnp
     import optax
 
     import vgg_flax
-    from vgg_flax import perf
+    from vgg_flax import model as model_lib
 
     jdtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
-    model = vgg_flax.create(name, num_classes=num_classes, dtype=jdtype)
+    model = vgg_flax.create(name, num_classes=num_classes, dtype=jdtype, width=width)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, *size, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, num_classes, batch))
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-    settings = {"vgg_flax": perf.compiler_options()}
-    xla_convs = "vgg_flax, XLA's convolutions (VGG_FLAX_CONV=xla)"
+    # label -> (module, 2x2 pool): the user's row, then one lever off per row
+    settings = {USER: (model, model_lib.max_pool_2x2)}
     if levers:
-        settings = {"vgg_flax (XLA defaults)": None, **perf.levers(),
-                    xla_convs: perf.compiler_options(), **settings}
+        settings["lever off: XLA's convolutions (conv='xla')"] = (
+            model.clone(conv="xla"), model_lib.max_pool_2x2)
+        settings["lever off: 2x2 pool as nn.max_pool"] = (model, _reduce_window_pool)
 
     out = []
-    for label, options in settings.items():
-        # the convolution is chosen when the step is traced (below, before the first call):
-        # the lever rows measure XLA's own convolutions, "vgg_flax" what the library runs
-        conv_env = os.environ.get("VGG_FLAX_CONV")
-        if label != "vgg_flax":
-            os.environ["VGG_FLAX_CONV"] = "xla"
+    for label, (model, pool) in settings.items():
+        # the pool is looked up when the step is traced (below, before the first call)
+        model_lib.max_pool_2x2, own_pool = pool, model_lib.max_pool_2x2
         if mode == "infer":
-            fn = jax.jit(model.apply, compiler_options=options)
+            fn = jax.jit(model.apply)
             args = (variables, x)
         else:
             tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(1e-3, momentum=0.9))
@@ -193,7 +194,7 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers) -> list
                 updates, opt_state = tx.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), stats, opt_state), loss
 
-            fn = jax.jit(train_step, donate_argnums=0, compiler_options=options)
+            fn = jax.jit(train_step, donate_argnums=0)
             # each candidate trains its own copy: donation invalidates the buffers it is given
             args = [jax.tree.map(jnp.copy, state), x, y, jax.random.key(1)]
 
@@ -210,9 +211,7 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers) -> list
             mem = compiled.memory_analysis()
             step()
         finally:
-            os.environ.pop("VGG_FLAX_CONV", None)
-            if conv_env is not None:
-                os.environ["VGG_FLAX_CONV"] = conv_env
+            model_lib.max_pool_2x2 = own_pool
         c = Candidate("vgg_flax", label, step, first_call_s=time.perf_counter() - t0)
         if mem is not None:
             c.xla_mb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
@@ -221,18 +220,20 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers) -> list
     return out
 
 
-def run_config(args, mode, dtype, batch, peak) -> list[dict]:
+def run_config(args, mode, dtype, batch) -> list[dict]:
     from vgg_flax import create
     from vgg_flax.model import count_macs
 
     size = tuple(args.size)
     cands = [] if args.no_torch else torch_candidates(args.model, mode, dtype, batch, size,
                                                       args.device, args.num_classes)
-    for c in cands:  # torch's first call (allocator warm-up, oneDNN primitive creation)
+    cands += peak_candidates(dtype, args.device, args.no_torch)
+    for c in cands:  # first calls (allocator warm-up, oneDNN primitive creation, compiling)
         t0 = time.perf_counter()
         c.step()
         c.first_call_s = time.perf_counter() - t0
-    cands += flax_candidates(args.model, mode, dtype, batch, size, args.num_classes, args.levers)
+    cands += flax_candidates(args.model, mode, dtype, batch, size, args.num_classes, args.levers,
+                             args.width)
     for _ in range(args.warmup):
         for c in cands:
             c.step()
@@ -244,12 +245,17 @@ def run_config(args, mode, dtype, batch, peak) -> list[dict]:
                 c.times.append(time.perf_counter() - t0)
             c.transient_mb = max(c.transient_mb, p.mb)
 
-    macs = count_macs(create(args.model, num_classes=args.num_classes), (batch, *size, 3))
+    macs = count_macs(create(args.model, num_classes=args.num_classes, width=args.width),
+                      (batch, *size, 3))
     flops = 2 * macs * (3 if mode == "train" else 1)
     torch_best = max((c for c in cands if c.framework == "torchvision"),
                      key=lambda c: -statistics.median(c.times), default=None)
+    peak = max(2 * MATMUL_N ** 3 / statistics.median(c.times) / 1e9
+               for c in cands if c.framework == "peak")
     rows = []
     for c in cands:
+        if c.framework == "peak":
+            continue
         t = statistics.median(c.times)
         rows.append(dict(
             model=args.model, mode=mode, dtype=dtype, batch=batch, size=list(size),
@@ -280,17 +286,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vgg16")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--mode", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     p.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--width", type=float, default=1.0,
+                   help="channel multiplier (a small model for smoke tests; figures are at 1)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--levers", action="store_true", help="also time each compiler lever alone, on XLA's convolutions")
+    p.add_argument("--levers", action="store_true",
+                   help="also time vgg_flax with each performance lever turned off")
     p.add_argument("--no-torch", action="store_true", help="vgg_flax only (no torch installed)")
-    p.add_argument("--json", default="benchmarks/results.json")
-    p.add_argument("--md", default="benchmarks/results.md")
+    p.add_argument("--json", default="benchmarks/results/bench.json")
+    p.add_argument("--md", default="benchmarks/results/bench.md")
     args = p.parse_args(argv)
 
     import jax
@@ -310,18 +319,20 @@ def main(argv=None) -> int:
     machine = dict(platform=platform.platform(), processor=_cpu_name(), cores=os.cpu_count(),
                    jax=jax.__version__, backend=jax.default_backend(), device=args.device,
                    torch=None if args.no_torch else __import__("torch").__version__,
-                   host_malloc="tuned" if perf.host_malloc_tuned() else "default",
-                   onednn=onednn.version() or onednn.why_unavailable())
+                   onednn=onednn.version() or onednn.why_unavailable(),
+                   env={k: v for k, v in os.environ.items()
+                        if k.startswith(("XLA_", "VGG_FLAX_", "MALLOC_", "OMP_"))})
     print("machine:", json.dumps(machine), flush=True)
     rows = []
     for dtype in args.dtype:
-        peak = measure_peak_gflops(dtype, args.device) if not args.no_torch else float("nan")
-        print(f"measured {dtype} matmul peak: {peak:.0f} GFLOP/s", flush=True)
         for mode in args.mode:
             for batch in args.batch:
-                new = run_config(args, mode, dtype, batch, peak)
+                new = run_config(args, mode, dtype, batch)
+                if args.levers and not args.no_torch:
+                    new += malloc_lever_row(args, mode, dtype, batch, new)
                 rows += new
                 print(markdown(new).split("\n", 2)[2], flush=True)
+    machine["host_malloc"] = perf.tune_host_malloc()
     table = markdown(rows)
     for path, text in ((args.json, json.dumps(dict(machine=machine, rows=rows), indent=1)),
                        (args.md, table + "\n")):
@@ -344,7 +355,26 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def malloc_lever_row(args, mode, dtype, batch, rows) -> list[dict]:
+    """vgg_flax's user row again with glibc's malloc defaults (``VGG_FLAX_MALLOC=default``):
+    mallopt is process-wide, so this runs in a child process, after the interleaved rounds."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(batch),
+               "--dtype", dtype, "--mode", mode, "--size", *map(str, args.size),
+               "--num-classes", str(args.num_classes), "--width", str(args.width),
+               "--reps", str(args.reps), "--warmup", str(args.warmup), "--no-torch",
+               "--json", f"{tmp}/r.json", "--md", f"{tmp}/r.md"]
+        subprocess.run(cmd, check=True, env={**os.environ, "VGG_FLAX_MALLOC": "default"},
+                       stdout=subprocess.DEVNULL)
+        row = json.loads(Path(f"{tmp}/r.json").read_text())["rows"][0]
+    user = next(r for r in rows if r["config"] == USER)
+    row["config"] = "lever off: glibc malloc defaults (child process, not interleaved)"
+    row["ratio_vs_torch_best"] = user["ratio_vs_torch_best"] * row["img_s"] / user["img_s"]
+    row["torch_best"] = user["torch_best"]
+    return [row]
+
+
 if __name__ == "__main__":
-    from vgg_flax import perf
-    perf.exec_with_tuned_host_malloc()  # for both frameworks alike: VGG_FLAX_MALLOC=default to compare untuned
     sys.exit(main())

@@ -2,14 +2,15 @@
 
     python benchmarks/layers.py --batch 8 --dtype fp32 bf16
 
-For every distinct VGG-16 convolution shape: the forward convolution, its input gradient and its
-weight gradient as XLA compiles them (with ``vgg_flax.perf.compiler_options()``), the forward and
-forward + both gradients as vgg_flax's modules compute them (``perf.conv_general_dilated()``:
-oneDNN's convolutions where ``vgg_flax.onednn`` is built), against torch's forward and forward +
-backward (channels_last; ``torch.autocast`` for bf16). Then the 2x2 max
-pool's gradient: ``lax.reduce_window``'s (a select-and-scatter) against vgg_flax's. Best of
-``--reps`` runs, milliseconds, and totals weighted by how often VGG-16 uses each shape. This is
-the evidence behind the README's "what limits us".
+For every distinct VGG-16 convolution shape (each with its bias and ReLU, as a VGG layer runs):
+XLA's convolution forward, input gradient and weight gradient (plain ``jax.jit``); the forward
+and forward + all gradients as vgg_flax's layers compute them (``vgg_flax.onednn.conv``: oneDNN
+where it is built, ReLU applied as oneDNN writes the output and float32 parameters rounded inside
+the kernel reorder); the same forward with those two levers off (ReLU as a separate XLA pass;
+parameters cast to the compute dtype before the call); against torch's forward and forward +
+backward (channels_last; ``torch.autocast`` for bf16). Then the 2x2 max pool's gradient:
+``lax.reduce_window``'s (a select-and-scatter) against vgg_flax's. Best of ``--reps`` runs,
+milliseconds, and totals weighted by how often VGG-16 uses each shape.
 """
 from __future__ import annotations
 
@@ -44,25 +45,24 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
     import torch
     from jax import lax
 
-    from vgg_flax import perf
+    from vgg_flax import onednn
     from vgg_flax.model import max_pool_2x2
 
-    opts = perf.compiler_options()
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")  # noqa: E731
-    conv = lambda x, w: lax.conv_general_dilated(  # noqa: E731
-        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    jit = lambda f: jax.jit(f, compiler_options=opts)  # noqa: E731
+    pad = ((1, 1), (1, 1))
+    # XLA's convolution, and vgg_flax's layer: (x, float32 kernel and bias) -> ReLU(conv + b)
+    conv = lambda x, w: onednn.conv(x, w, padding=pad, impl="xla")  # noqa: E731
+    layer = lambda x, w, b: onednn.conv(x, w, b, padding=pad, relu=True)  # noqa: E731
+    jit = jax.jit
     fwd = jit(conv)
-    # what vgg_flax's modules run: perf.conv_general_dilated() (oneDNN where built)
-    vgg_conv = lambda x, w: (perf.conv_general_dilated() or lax.conv_general_dilated)(  # noqa: E731
-        x, w, (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
-    ours = jit(vgg_conv)
+    ours = jit(layer)
+    relu_apart = jit(lambda x, w, b: jnp.maximum(onednn.conv(x, w, b, padding=pad), 0))
+    cast_apart = jit(lambda x, w, b: layer(x, w.astype(x.dtype), b.astype(x.dtype)))
 
     @jit
-    def ours_train(x, w, g):
-        y, vjp = jax.vjp(vgg_conv, x, w)
+    def ours_train(x, w, b, g):
+        y, vjp = jax.vjp(layer, x, w, b)
         return y, vjp(g)
     dx = jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     dw = jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
@@ -71,7 +71,9 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
     for h, cin, cout, count in VGG16_CONVS:
         h = h * size // 224
         x = jax.random.normal(key, (batch, h, h, cin), jdt)
-        w = (jax.random.normal(key, (3, 3, cin, cout)) * 0.05).astype(jdt)
+        w32 = jax.random.normal(key, (3, 3, cin, cout)) * 0.05
+        b32 = jax.random.normal(key, (cout,)) * 0.05
+        w = w32.astype(jdt)
         g = jax.random.normal(key, (batch, h, h, cout), jdt)
         tx = torch.randn(batch, cin, h, h).to(memory_format=torch.channels_last).requires_grad_()
         tw = torch.randn(cout, cin, 3, 3).mul_(0.05).requires_grad_()
@@ -88,11 +90,15 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
 
         r = dict(layer=f"conv {h}x{h} {cin}->{cout}", count=count,
                  xla_fwd=best_of(lambda: jax.block_until_ready(fwd(x, w)), reps),
-                 vgg_flax_fwd=best_of(lambda: jax.block_until_ready(ours(x, w)), reps),
+                 vgg_flax_fwd=best_of(lambda: jax.block_until_ready(ours(x, w32, b32)), reps),
+                 relu_apart=best_of(lambda: jax.block_until_ready(relu_apart(x, w32, b32)),
+                                    reps),
+                 cast_apart=best_of(lambda: jax.block_until_ready(cast_apart(x, w32, b32)),
+                                    reps),
                  xla_dx=best_of(lambda: jax.block_until_ready(dx(x, w, g)), reps),
                  xla_dw=best_of(lambda: jax.block_until_ready(dw(x, w, g)), reps),
-                 vgg_flax_fwd_dx_dw=best_of(lambda: jax.block_until_ready(ours_train(x, w, g)),
-                                            reps),
+                 vgg_flax_fwd_dx_dw=best_of(
+                     lambda: jax.block_until_ready(ours_train(x, w32, b32, g)), reps),
                  torch_fwd=best_of(t_fwd, reps), torch_fwd_bwd=best_of(t_train, reps))
         r["xla_fwd_dx_dw"] = r["xla_fwd"] + r["xla_dx"] + r["xla_dw"]
         rows.append(r)
@@ -111,8 +117,8 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
 def markdown(rows: list[dict], title: str) -> str:
     convs = [r for r in rows if r["layer"].startswith("conv")]
     pools = [r for r in rows if not r["layer"].startswith("conv")]
-    cols = ["xla_fwd", "vgg_flax_fwd", "torch_fwd", "xla_dx", "xla_dw", "xla_fwd_dx_dw",
-            "vgg_flax_fwd_dx_dw", "torch_fwd_bwd"]
+    cols = ["xla_fwd", "vgg_flax_fwd", "relu_apart", "cast_apart", "torch_fwd", "xla_dx",
+            "xla_dw", "xla_fwd_dx_dw", "vgg_flax_fwd_dx_dw", "torch_fwd_bwd"]
     out = [f"{title}", "", "| layer | x | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in convs:
         out.append(f"| {r['layer']} | {r['count']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
@@ -129,8 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--size", type=int, default=224, help="input size the layer shapes scale from")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--json", default="benchmarks/layers.json")
-    p.add_argument("--md", default="benchmarks/layers.md")
+    p.add_argument("--json", default="benchmarks/results/layers.json")
+    p.add_argument("--md", default="benchmarks/results/layers.md")
     args = p.parse_args(argv)
     if args.size % 32 or args.size < 32:
         p.error(f"--size must be a multiple of 32 (VGG halves it five times), got {args.size}")
@@ -153,6 +159,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from vgg_flax import perf
-    perf.exec_with_tuned_host_malloc()
     sys.exit(main())
