@@ -1,6 +1,8 @@
 """Shared fixtures. Expensive things (torchvision models, converted weights) are session-scoped."""
 import os
 
+import pytest
+
 # Several CPU devices for the sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -15,3 +17,10 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{'case':<44} {'max abs diff':>14} {'relative':>10}")
         for what, diff, rel in rows:
             terminalreporter.write_line(f"{what:<44} {diff:>14.3e} {rel:>10.2e}")
+
+
+@pytest.fixture(scope="session", params=["auto", "xla"])
+def conv_impl(request):
+    """The convolution a parity test builds the model with (``vgg_flax.create(name, conv=...)``):
+    "auto" (oneDNN on this CPU) and "xla" (``lax.conv_general_dilated``, what GPUs and TPUs run)."""
+    return request.param

@@ -13,17 +13,32 @@ TORCHVISION_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_b
                      "vgg19_bn")
 
 
-def randomize_bn(model: nn.Module, seed: int) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1)."""
+def _nonzero(n: int, g: torch.Generator, low: float, high: float) -> torch.Tensor:
+    """Uniform in [low, high) with a random sign: never 0, so a dropped term always shows."""
+    sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    return sign * (low + (high - low) * torch.rand(n, generator=g))
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Every bias, BatchNorm statistic and scale non-trivial (torchvision initialises biases and
+    BN shifts to 0, running stats to 0/1 and SSD's L2Norm scale to 20, so a dropped or swapped
+    bias would pass a parity test). Conv/Linear biases are +-[0.02, 0.1]: the same order as a
+    3x3 conv's output on unit inputs, so leaving one out moves the logits far beyond 1e-4."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                m.bias.copy_(_nonzero(m.bias.numel(), g, 0.02, 0.1))
+            elif isinstance(m, nn.BatchNorm2d):
                 n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.running_mean.copy_(_nonzero(n, g, 0.01, 0.1))
                 m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.bias.copy_(_nonzero(n, g, 0.01, 0.1))
+        for name, p in model.named_parameters():
+            if name.endswith("scale_weight"):  # SSD's L2Norm (torchvision: a constant 20)
+                p.copy_(20 * (0.5 + torch.rand(p.shape, generator=g)))
+    return model
 
 
 @functools.cache
@@ -31,8 +46,7 @@ def torchvision_vgg(name: str, seed: int = 0) -> nn.Module:
     """torchvision.models.<name>() with seeded random weights, in eval mode (cached)."""
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None).eval()
-    randomize_bn(model, seed)
-    return model
+    return randomize(model, seed)
 
 
 def paper_features(cfg) -> nn.Sequential:
@@ -57,7 +71,7 @@ def paper_features(cfg) -> nn.Sequential:
 def paper_vgg(cfg_key: str, seed: int = 0) -> nn.Module:
     from vgg_flax.arch import CFGS  # only the table of channel counts, not our layer code
     torch.manual_seed(seed)
-    return TorchVGG(paper_features(CFGS[cfg_key])).eval()
+    return randomize(TorchVGG(paper_features(CFGS[cfg_key])).eval(), seed)
 
 
 @functools.cache
@@ -65,8 +79,8 @@ def ssd_backbone(seed: int = 0) -> nn.Module:
     """torchvision's SSDFeatureExtractorVGG around a seeded torchvision vgg16."""
     from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
     torch.manual_seed(seed)
-    return SSDFeatureExtractorVGG(torchvision.models.vgg16(weights=None).features,
-                                  highres=False).eval()
+    return randomize(SSDFeatureExtractorVGG(torchvision.models.vgg16(weights=None).features,
+                                            highres=False).eval(), seed)
 
 
 def ssd_backbone_state_dict(model: nn.Module) -> dict:
