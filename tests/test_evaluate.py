@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 import vgg_flax
+from torch_ref import randomize
 from vgg_flax.evaluate import (CROP, DENSE, PROTOCOLS, Evaluator, error_table, evaluate_image,
                                flip_valid, grid_offsets, multicrop, padded_shape, posterior_fns,
                                rows, single_scale, test_scales as paper_test_scales,
@@ -34,7 +35,7 @@ def assert_close(ours, ref, rtol=RTOL):
 @pytest.fixture(scope="module")
 def vgg16_pair():
     torch.manual_seed(0)
-    tv = torchvision.models.vgg16().eval()
+    tv = randomize(torchvision.models.vgg16().eval(), 0)  # non-zero biases: fc6-fc8 as convs too
     # torchvision's N(0, 0.01) classifier init makes logits tiny; scale fc8 so softmax is not flat
     # and flip averaging of posteriors is a real test.
     with torch.no_grad():
@@ -280,7 +281,7 @@ def _eval_cli():
 def mock_imagenet(tmp_path_factory):
     """A small ImageNet-shaped model whose fc8 bias fixes its top-5 to classes chosen from the
     mock labels, so the expected errors are known exactly; saved as a checkpoint."""
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # a missing dependency fails, never skips
     with tfds.testing.mock_data(num_examples=6):
         labels = [int(tfds.data_source("imagenet2012", split="validation")[i]["label"])
                   for i in range(6)]
