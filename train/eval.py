@@ -21,16 +21,10 @@ from vgg_flax.checkpoint import load, read_info
 from vgg_flax.preprocess import preprocessing
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from vgg_flax.cli import ArgumentParser, positive_int, positive_ints as _ints
+    p = ArgumentParser(prog="train/eval.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint directory written by vgg_flax.save")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="TFDS name, e.g. imagenet2012 (prepared in --data-dir)")
@@ -42,13 +36,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training scale S, or S_min,S_max if scale-jittered (default: the "
                         "weights' resize size, 256 for torchvision's)")
     p.add_argument("--scales", type=_ints, default=None, help="test scales Q (overrides the paper's)")
-    p.add_argument("--crop-size", type=int, default=None, help="network input for single/multicrop")
-    p.add_argument("--resize-size", type=int, default=None, help="single: shorter side before crop")
+    p.add_argument("--crop-size", type=positive_int, default=None, help="network input for single/multicrop")
+    p.add_argument("--resize-size", type=positive_int, default=None, help="single: shorter side before crop")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="dense: do not average with the mirror image")
-    p.add_argument("--batch-size", type=int, default=32, help="network inputs per call, per process")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--threads", type=int, default=8, help="threads preparing images")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="network inputs per call, per process")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N examples")
+    p.add_argument("--threads", type=positive_int, default=8, help="threads preparing images")
     p.add_argument("--image-key", default="image")
     p.add_argument("--label-key", default="label")
     return p.parse_args(argv)
@@ -144,5 +138,18 @@ def main(argv=None) -> dict:
     return result
 
 
+def cli(argv=None) -> int:
+    """The command line: ``main``'s one-line errors (SystemExit with the message) exit 2."""
+    import sys
+    try:
+        main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

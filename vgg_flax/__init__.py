@@ -6,7 +6,7 @@
 >>> variables = vgg_flax.from_torch(torch_state_dict, "vgg16")
 """
 from vgg_flax.arch import CFGS, VARIANTS
-from vgg_flax.checkpoint import load, save
+from vgg_flax.checkpoint import CheckpointError, load, save
 from vgg_flax.model import VGG
 from vgg_flax.nnx import to_nnx
 from vgg_flax.preprocess import preprocess
@@ -16,7 +16,7 @@ from vgg_flax.registry import (VGG11, VGG11_BN, VGG11_LRN, VGG13, VGG13_BN, VGG1
 from vgg_flax.weights import WeightMismatchError, from_torch, identify, to_torch
 
 __all__ = [
-    "CFGS", "VARIANTS", "VGG", "VGG11", "VGG11_BN", "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16",
+    "CFGS", "CheckpointError", "VARIANTS", "VGG", "VGG11", "VGG11_BN", "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16",
     "VGG16_BN", "VGG16_C", "VGG16_SSD", "VGG19", "VGG19_BN", "WeightMismatchError", "create",
     "from_torch", "identify", "imagenet_categories", "list_models", "load", "metadata", "preprocess", "save", "to_nnx", "to_torch",
 ]

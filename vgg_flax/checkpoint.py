@@ -17,6 +17,54 @@ from vgg_flax import registry
 from vgg_flax.model import VGG, abstract_variables
 
 FORMAT = "vgg_flax/1"
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a readable vgg_flax checkpoint; the message is one line naming
+    the file, the problem and the fix."""
+
+
+class NotACheckpoint(CheckpointError, FileNotFoundError):
+    """No ``vgg_flax.json`` (also a FileNotFoundError, as before)."""
+
+
+_REMAKE = "re-create it with vgg_flax.save or convert/torch_to_flax.py"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v and abs(v) != float("inf")
+
+
+def _pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
+
+
+# What each stored override may hold: (check, what the message says it must be).
+_CHECKS = {
+    "num_classes": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "include_top": (lambda v: isinstance(v, bool), "true or false"),
+    "dropout_rate": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "hidden_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "width": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "pool_size": (_pair, "two positive integers"),
+    "l2norm": (lambda v: isinstance(v, bool), "true or false"),
+    "bn_momentum": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "bn_epsilon": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "cfg": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
+    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "head": (lambda v: v in ("fc", "ssd"), '"fc" or "ssd"'),
+    "lrn_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "lrn_alpha": (lambda v: _is_num(v) and v >= 0, "a non-negative number"),
+    "lrn_beta": (lambda v: _is_num(v) and v >= 0, "a non-negative number"),
+    "lrn_k": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    "param_dtype": (lambda v: v in ("float32", "bfloat16", "float16"),
+                    "float32, bfloat16 or float16"),
+}
 _JSON_FIELDS = ("num_classes", "include_top", "dropout_rate", "hidden_size", "width",
                 "pool_size", "l2norm", "bn_momentum", "bn_epsilon", "cfg", "batch_norm", "head",
                 "lrn_size", "lrn_alpha", "lrn_beta", "lrn_k")
@@ -95,12 +143,39 @@ def save(path: str | os.PathLike, variables: Any, name: str, *, module: VGG | No
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``vgg_flax.json`` of a checkpoint directory."""
+    """The ``vgg_flax.json`` of a checkpoint directory, validated: a known format, a known
+    name, and overrides of the right types and ranges. Raises ``CheckpointError`` (one line)."""
     f = Path(path) / "vgg_flax.json"
     if not f.is_file():
-        raise FileNotFoundError(f"{path} is not a vgg_flax checkpoint (no vgg_flax.json); "
-                                "write one with vgg_flax.save or convert/torch_to_flax.py")
-    return json.loads(f.read_text())
+        raise NotACheckpoint(f"{path} is not a vgg_flax checkpoint (no vgg_flax.json); "
+                             "write one with vgg_flax.save or convert/torch_to_flax.py")
+    try:
+        info = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON ({str(e).splitlines()[0]}); the "
+                              f"checkpoint is damaged: {_REMAKE}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(info).__name__}, not an object; {_REMAKE}")
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: unknown format {info.get('format')!r}; this vgg_flax reads "
+                              f"{FORMAT!r} (a newer vgg_flax wrote it? upgrade, or {_REMAKE})")
+    name = info.get("name")
+    if not isinstance(name, str) or name not in registry.list_models():
+        raise CheckpointError(f"{f}: unknown VGG name {name!r}; expected one of "
+                              f"{', '.join(registry.list_models())}; {_REMAKE}")
+    overrides = info.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise CheckpointError(f"{f}: 'overrides' must be an object of VGG fields, got "
+                              f"{type(overrides).__name__}; {_REMAKE}")
+    for k, v in overrides.items():
+        if k not in _CHECKS:
+            raise CheckpointError(f"{f}: unknown override {k!r}; stored fields are "
+                                  f"{', '.join(_CHECKS)}; {_REMAKE}")
+        check, want = _CHECKS[k]
+        if not check(v):
+            raise CheckpointError(f"{f}: override {k} = {json.dumps(v)} must be {want}; "
+                                  f"fix the file or {_REMAKE}")
+    return info
 
 
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
@@ -108,13 +183,24 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]
     that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
     path = Path(path).absolute()
     info = read_info(path)
-    module = registry.create(info["name"], **{**_from_json(info["overrides"]), **overrides})
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(path / "variables")  # numpy leaves
+    module = registry.create(info["name"], **{**_from_json(info.get("overrides", {})), **overrides})
+    if not (path / "variables").is_dir():
+        raise CheckpointError(f"{path}: the variables directory is missing; the checkpoint is "
+                              f"incomplete: {_REMAKE}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            variables = ckptr.restore(path / "variables")  # numpy leaves
+    except (ValueError, OSError) as e:  # tensorstore: ValueError; orbax: FileNotFoundError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{path}: cannot read the stored variables ({first}); the "
+                              f"checkpoint is damaged or incomplete: {_REMAKE}") from None
     # The module must be able to use them: same tree, same shapes.
-    in_channels = variables["params"]["conv1_1"]["kernel"].shape[2]
-    expected = jax.tree.map(lambda a: tuple(a.shape), abstract_variables(module, in_channels))
-    if jax.tree.map(np.shape, variables) != expected:
-        raise ValueError(f"{path}: the stored variables do not fit {info['name']} with "
-                         f"{info['overrides']}; the checkpoint is damaged or was edited")
+    try:
+        in_channels = variables["params"]["conv1_1"]["kernel"].shape[2]
+    except (KeyError, TypeError, IndexError):
+        in_channels = None
+    expected = jax.tree.map(lambda a: tuple(a.shape), abstract_variables(module, in_channels or 3))
+    if in_channels is None or jax.tree.map(np.shape, variables) != expected:
+        raise CheckpointError(f"{path}: the stored variables do not fit {info['name']} with "
+                              f"{info.get('overrides', {})}; the checkpoint is damaged or was edited")
     return module, variables

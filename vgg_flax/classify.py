@@ -8,7 +8,6 @@ protocols instead of torchvision's single center crop (see ``vgg_flax.evaluate``
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any, Mapping, Sequence
@@ -44,22 +43,45 @@ def classify(images: Sequence[Any], module, variables, name: str | Mapping[str, 
     return [top_classes(posts[i], top, categories) for i in range(len(images))]
 
 
+# PIL modes holding more than 8 bits per channel; their RGB conversion (torchvision's too) clips
+# every value above 255, so a 16-bit scan becomes almost all white.
+_DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def deep_image_warning(path: str | os.PathLike) -> str | None:
+    """One warning line if ``path`` is a 16/32-bit image that RGB conversion will clip."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except (OSError, ValueError):
+        return None  # load_image reports unreadable files
+    if mode not in _DEEP_MODES:
+        return None
+    return (f"warning: {path}: {mode} image (more than 8 bits per channel) is clipped to 0..255 "
+            "as torchvision does, which turns most of it white; rescale it to 8 bits first")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vgg_flax.classify",
-                                description="Top-5 ImageNet classes of image files.")
+    from vgg_flax import cli
+    p = cli.ArgumentParser(prog="python -m vgg_flax.classify",
+                           description="Top-5 ImageNet classes of image files.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--weights", required=True, help="checkpoint directory written by vgg_flax.save")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=cli.positive_int, default=5)
     p.add_argument("--protocol", default="single", choices=E.PROTOCOLS)
-    p.add_argument("--scales", default=None,
+    p.add_argument("--scales", type=cli.positive_ints, default=None,
                    help="test scales Q, comma-separated (default: the paper's around 256)")
     args = p.parse_args(argv)
-    scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
+    scales = args.scales
 
     # Read everything first so a bad file costs no model load, and the good ones still run.
     loaded, failed = [], 0
     for path in args.images:
         try:
+            warning = deep_image_warning(path)
+            if warning:
+                print(warning, file=sys.stderr)
             loaded.append((path, load_image(path)))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -74,9 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         categories = registry.imagenet_categories() if module.num_classes == 1000 else None
-        results = classify([im for _, im in loaded], module, variables, name,
-                           protocol=args.protocol, scales=scales, top=args.top,
-                           categories=categories)
+        try:
+            results = classify([im for _, im in loaded], module, variables, name,
+                               protocol=args.protocol, scales=scales, top=args.top,
+                               categories=categories)
+        except ValueError as e:  # arguments the weights cannot serve (a scale below the crop...)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         for (path, _), best in zip(loaded, results):
             print(os.fspath(path))
             for rank, (index, label, prob) in enumerate(best, 1):
