@@ -7,7 +7,12 @@ import sys
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse prints its whole usage block before the error; a user needs the one line that
-    names the problem (the usage is one ``--help`` away)."""
+    names the problem (the usage is one ``--help`` away). No prefix matching: ``--scale`` is a
+    typo, not ``--scales``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message}; see --help", file=sys.stderr)
