@@ -58,7 +58,7 @@ def params_of(result):
     return jax.tree.map(np.asarray, jax.device_get(result["state"]["params"]))
 
 
-@pytest.mark.parametrize("name", ["imagenet_vgg16", "imagenet_vgg16_bn"])
+@pytest.mark.parametrize("name", ["imagenet_vgg11", "imagenet_vgg16", "imagenet_vgg16_bn"])
 def test_one_real_step_per_config(name, tmp_path):
     c = tiny(name, total_steps=1, eval_every_steps=1, checkpoint_every_steps=1)
     with tfds.testing.mock_data(num_examples=40):
@@ -209,6 +209,32 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert steps and steps[-1] == bad - 1
     _, _, v, _ = trainer.restore_variables(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(v))
+
+
+def test_plateau_divides_lr_and_only_n_checkpoints_are_kept(tmp_path, caplog):
+    """The paper's rule: lr / 10 when validation accuracy stops improving (schedule.plateau_*,
+    optax's reduce_on_plateau on 1 - top-1). A learning rate too small to change any prediction
+    keeps top-1 flat (vgg11: no BatchNorm statistics to drift), so after patience=1 stalled evaluations the rate drops by 10, and again
+    after the next ones. keep_checkpoints=2 of 6 saves leaves exactly the last two."""
+    c = tiny("digits", model="vgg11", total_steps=6, checkpoint_every_steps=1, eval_every_steps=1,
+             keep_checkpoints=2, learning_rate=1e-9, **{
+                 "schedule.name": "plateau", "schedule.warmup_steps": 0,
+                 "schedule.plateau_patience": 1, "schedule.plateau_factor": 0.1,
+                 "schedule.plateau_cooldown": 0})
+    with caplog.at_level(logging.INFO, logger="vgg_flax.train"):
+        result = trainer.train_and_evaluate(c, tmp_path)
+    assert result["status"] == "done"
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_top1"] for r in rows if "eval_top1" in r]
+    assert len(evals) == 6 and len(set(evals)) == 1, evals  # accuracy really stalled
+    lrs = [r["lr"] for r in rows if "loss" in r]
+    print(f"\nplateau: lr per step {lrs}")
+    # steps 1-2 at the full rate (the first evaluation sets the best); from the second
+    # evaluation on every one stalls, and with patience 1 each divides the rate by 10
+    assert lrs == pytest.approx([1e-9, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13], rel=1e-6), lrs
+    assert "validation accuracy plateaued" in caplog.text
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [5, 6]
 
 
 @pytest.fixture(scope="module")
