@@ -119,11 +119,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def initial_params(tmp_path):
+    """The parameters a run of TINY starts from (the same seed, initialised in this process)."""
+    c = trainer.load_config(ROOT / "train" / "configs" / "digits.py")
+    c.model_overrides.update(width=0.125, hidden_size=16)
+    c.update(batch_size=16, eval_batch_size=40)
+    c.input.num_threads = 1
+    c.mesh.data = 4
+    setup, _, _ = trainer.prepare(c, tmp_path / "init")
+    state = jax.jit(setup.init, out_shardings=setup.shardings)(jax.random.key(setup.config.seed))
+    return jax.tree.map(np.asarray, jax.device_get({"params": state["params"]}))
+
+
 def test_two_processes_equal_one_process_four_devices(env, tmp_path):
     """2 processes x 2 devices (gloo collectives) vs 1 process x 4 devices, BatchNorm and dropout
-    on, 3 steps. Tolerance 1e-6 absolute (the all-reduces sum in another order; measured ~1e-7)."""
+    on, 3 steps at the full learning rate (constant, no warmup). Tolerance per leaf: 1e-6
+    absolute (the all-reduces sum in another order) and 1% of that leaf's own update, so a
+    process that skipped any leaf's update fails (see test_train.assert_equivalent)."""
     args = ["--config.total_steps=3", "--config.checkpoint_every_steps=3",
-            "--config.eval_every_steps=3", "--config.mesh.data=4"]
+            "--config.eval_every_steps=3", "--config.mesh.data=4",
+            "--config.schedule.name=constant", "--config.schedule.warmup_steps=0"]
     one = run(train_cmd(tmp_path / "one", *args),
               dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert one.returncode == 0, one.stderr[-2000:]
@@ -148,9 +163,26 @@ def test_two_processes_equal_one_process_four_devices(env, tmp_path):
     b, _ = final_params(tmp_path / "two")
     diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     print(f"\n2 processes vs 1 process: max |param diff| after 3 steps = {diff:.2e}")
-    assert_same(a, b, atol=1e-6)
+    from test_train import BN_FROZEN, assert_equivalent
+    init = initial_params(tmp_path)
+    assert_equivalent({"params": a["params"]}, {"params": b["params"]}, init, 1e-6,
+                      "2 processes vs 1 process", frozen=BN_FROZEN)
+    assert_same(a, b, atol=1e-6)  # batch statistics too
     final = lambda out: next(l for l in out.splitlines() if l.startswith("final:")).split(",")[1]
     assert final(one.stdout) == final(outs[0][0])  # same eval top-1
+
+
+def test_nan_loss_exits_3_in_one_line(env, tmp_path):
+    """A learning rate that blows the weights up: the CLI stops at the first non-finite step
+    with exit 3 and one error line (its wording is the trainer's, tested in test_train)."""
+    p = run(train_cmd(tmp_path / "w", "--config.learning_rate=1e12",
+                      "--config.schedule.name=constant", "--config.schedule.warmup_steps=0",
+                      "--config.total_steps=20", "--config.checkpoint_every_steps=1",
+                      "--config.eval_every_steps=100"), env)
+    assert p.returncode == 3, (p.returncode, p.stderr[-2000:])
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "not finite" in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("flag, message", [
