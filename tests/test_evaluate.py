@@ -361,3 +361,72 @@ def test_eval_cli_errors(tmp_path, mock_imagenet):
     with pytest.raises(SystemExit, match="smaller than the 224-pixel crop"):
         cli.main(["--weights", str(path), "--synthetic", "40x50", "--protocol", "dense",
                   "--scales", "64", "--limit", "1"])
+
+
+_TWO_PROCESS_EVAL = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import numpy as np
+import vgg_flax
+from vgg_flax.evaluate import evaluate_source
+module, variables = vgg_flax.load(sys.argv[3])
+labels = json.loads(sys.argv[4])
+source = [{"image": np.random.default_rng(i).integers(0, 256, (40, 40, 3), np.uint8), "label": l}
+          for i, l in enumerate(labels)]
+pre = dict(resize_size=36, crop_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+r = evaluate_source(source, module, variables, "single", pre, batch_size=4, threads=1,
+                    progress=False)
+print("RESULT " + json.dumps({k: r[k] for k in ("images", "local_images", "top1_error",
+                                                "top5_error")}))
+"""
+
+
+def test_counts_are_summed_across_two_processes(tmp_path):
+    """evaluate_source in 2 real processes (jax.distributed over gloo): each scores only its
+    share, and the all-gathered counts give every process the errors of one process reading
+    everything (allreduce_counts' cross-process branch)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from vgg_flax.evaluate import evaluate_source
+    module = vgg_flax.create("vgg11", num_classes=10, width=0.125, hidden_size=16, pool_size=(1, 1))
+    variables = random_variables(module, seed=2)
+    # fc8's bias makes class 3 first and 7 second for every image, so the counts are not trivial
+    bias = np.zeros(10, np.float32)
+    bias[[3, 7]] = [30.0, 20.0]
+    variables["params"]["fc8"]["bias"] = jnp.asarray(bias)
+    path = vgg_flax.save(tmp_path / "ckpt", variables, "vgg11", module=module)
+    labels = [3, 3, 1, 7, 2, 5, 3]  # top-1 right on 3 of 7 by construction
+    source = [{"image": np.random.default_rng(i).integers(0, 256, (40, 40, 3), np.uint8),
+               "label": l} for i, l in enumerate(labels)]
+    pre = dict(resize_size=36, crop_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    one = evaluate_source(source, *vgg_flax.load(path), "single", pre, batch_size=4, threads=1,
+                          process_index=0, process_count=1, progress=False)
+    assert one["images"] == 7 and one["top1_error"] == pytest.approx(100 * 4 / 7)
+    assert one["top5_error"] <= 100 * 5 / 7  # classes 3 and 7 are in every top-5
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_EVAL, f"localhost:{port}",
+                               str(i), str(path), json.dumps(labels)],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    assert [r["local_images"] for r in results] == [4, 3]  # each scored only its share
+    for r in results:
+        assert r["images"] == 7
+        assert r["top1_error"] == pytest.approx(one["top1_error"])
+        assert r["top5_error"] == pytest.approx(one["top5_error"])
