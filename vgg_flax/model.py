@@ -98,12 +98,6 @@ def adaptive_avg_pool(x: Array, out_hw: Sequence[int]) -> Array:
     return x
 
 
-def _window_positions() -> Array:
-    # row-major position (0..3) of each element of a 2x2 window, shaped for the 6-D view
-    return (lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) * 2
-            + lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 4))
-
-
 @jax.custom_jvp
 def _max_pool_2x2(x: Array) -> Array:
     # Two element-wise maxima (row pairs, then the column pair, which sits side by side in the
@@ -115,22 +109,48 @@ def _max_pool_2x2(x: Array) -> Array:
     return jnp.maximum(pairs[..., :c], pairs[..., c:])
 
 
+def _window_positions() -> Array:
+    # row-major position (0..3) of each element of a 2x2 window, shaped for the 6-D view
+    return (lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 2) * 2
+            + lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 4))
+
+
+def _first_max(x: Array) -> Array:
+    """Row-major position (0..3) of the first maximum of every 2x2 window (a NaN counts as the
+    maximum), int8 (n, h/2, w/2, c), as torch's max_pool2d picks it.
+
+    The window's elements are compared with each other, read by strided slices of ``x``: not
+    with the pooled output (XLA may recompute ``x`` behind a fused BatchNorm or bias in another
+    fusion, rounded differently, and an equality test then matches nothing), and not through a
+    reshape (XLA makes it a bitcast outside the fusion that computes ``x``'s cotangent, misses
+    that the bitcast is ``x``'s own buffer, and writes the cotangent over ``x`` in place while
+    it still reads ``x``'s other window elements: jaxlib 0.10.2, gradients wrong by up to 100%
+    behind a fused ReLU; tests/test_transforms.py).
+    """
+    a, b, c, d = x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+    def first(p, q):  # is p, which comes first, the (first) maximum of the pair?
+        return (p >= q) | jnp.isnan(p)
+
+    left_top, left_bottom = first(a, b), first(c, d)
+    upper = first(jnp.where(left_top, a, b), jnp.where(left_bottom, c, d))
+    i8 = lambda v: jnp.asarray(v, jnp.int8)  # noqa: E731
+    return jnp.where(upper, jnp.where(left_top, i8(0), i8(1)), jnp.where(left_bottom, i8(2), i8(3)))
+
+
 @_max_pool_2x2.defjvp
 def _max_pool_2x2_jvp(primals, tangents):
     # The derivative is the tangent of the first maximum of each window in row-major order, as
-    # torch's max_pool2d and XLA's select-and-scatter route the gradient (ties are common after
-    # a ReLU: all-zero windows). Written as a linear function of the tangent, so reverse mode
-    # transposes it (one select over the window view, no select-and-scatter) and forward mode,
-    # HVPs and jacfwd differentiate it as it stands.
+    # torch's max_pool2d routes the gradient (ties are common after a ReLU: all-zero windows).
+    # Written as a linear function of the tangent, so reverse mode transposes it (one select
+    # over the window view of the cotangent, no select-and-scatter) and forward mode, HVPs and
+    # jacfwd differentiate it as it stands.
     (x,), (dx,) = primals, tangents
-    y = _max_pool_2x2(x)
     n, h, w, c = x.shape
-    pos = _window_positions()
-    first = jnp.min(jnp.where(x.reshape(n, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None],
-                              pos, 4), axis=(2, 4), keepdims=True).astype(jnp.int8)
-    picked = jnp.where(pos == first, dx.reshape(n, h // 2, 2, w // 2, 2, c),
+    first = _first_max(x)[:, :, None, :, None, :]
+    picked = jnp.where(_window_positions() == first, dx.reshape(n, h // 2, 2, w // 2, 2, c),
                        jnp.zeros((), dx.dtype))
-    return y, picked.sum(axis=(2, 4))
+    return _max_pool_2x2(x), picked.sum(axis=(2, 4))
 
 
 def max_pool_2x2(x: Array, ceil_mode: bool = False) -> Array:
