@@ -93,7 +93,7 @@ def seeded_state_dict(name: str, seed: int = 0, **overrides) -> dict[str, torch.
 
 
 def assert_tree_equal(a, b):
-    fa, fb = dict(C._flatten(a)), dict(C._flatten(b))
+    fa, fb = dict(C.flatten(a)), dict(C.flatten(b))
     assert fa.keys() == fb.keys()
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -447,7 +447,7 @@ def test_formats_and_back(tmp, small):
     st = tmp / "fmt" / "v.safetensors"
     p = cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", st, *SMALL_FLAGS, check=0)
     assert "file read back bit-identical: OK" in p.stdout
-    assert_tree_equal(C._unflatten(load_file(st)), expect)
+    assert_tree_equal(C.unflatten(load_file(st)), expect)
     mp = tmp / "fmt" / "v.msgpack"
     cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", mp, "--no-verify", *SMALL_FLAGS,
         check=0)

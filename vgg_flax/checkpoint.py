@@ -33,7 +33,7 @@ def module_overrides(module: VGG, name: str) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
-def _from_json(overrides: dict[str, Any]) -> dict[str, Any]:
+def overrides_from_json(overrides: dict[str, Any]) -> dict[str, Any]:
     def tup(v):
         return tuple(tup(x) for x in v) if isinstance(v, list) else v
     return {k: (jnp.dtype(v) if k in ("dtype", "param_dtype") else tup(v))
@@ -100,7 +100,14 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a vgg_flax checkpoint (no vgg_flax.json); "
                                 "write one with vgg_flax.save or convert/torch_to_flax.py")
-    return json.loads(f.read_text())
+    try:
+        info = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{f} is not valid JSON ({err}); the checkpoint is damaged: re-create "
+                         "it with vgg_flax.save or convert/torch_to_flax.py") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{f} is not a JSON object; the checkpoint is damaged")
+    return info
 
 
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
@@ -108,7 +115,7 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]
     that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
     path = Path(path).absolute()
     info = read_info(path)
-    module = registry.create(info["name"], **{**_from_json(info["overrides"]), **overrides})
+    module = registry.create(info["name"], **{**overrides_from_json(info["overrides"]), **overrides})
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(path / "variables")  # numpy leaves
     # The module must be able to use them: same tree, same shapes.
