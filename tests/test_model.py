@@ -1,4 +1,6 @@
 """The model library's API: construction, errors, taps, initialisation, save/load, NNX."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,15 @@ def test_names_classes_and_metadata():
     m = vgg_flax.VGG16(num_classes=10)
     assert isinstance(m, vgg_flax.VGG) and m.num_classes == 10 and m.cfg == vgg_flax.CFGS["D"]
     assert vgg_flax.VGG19_BN().batch_norm and not vgg_flax.VGG19().batch_norm
+    # Each named class is written out by hand: its defaults must be its variant's row.
+    from vgg_flax import registry
+    assert set(registry.NAMED_CLASSES) == set(vgg_flax.list_models())
+    for name, cls in registry.NAMED_CLASSES.items():
+        assert getattr(vgg_flax, name.upper()) is cls and cls.__module__ == "vgg_flax.registry"
+        built, made = cls(), vgg_flax.create(name)
+        for f in dataclasses.fields(vgg_flax.VGG):
+            if f.name not in ("parent", "name"):
+                assert getattr(built, f.name) == getattr(made, f.name), (name, f.name)
     assert vgg_flax.imagenet_categories() == tuple(
         torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
     for name in TORCHVISION_NAMES:

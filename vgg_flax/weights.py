@@ -57,7 +57,7 @@ def torch_entries(module: VGG) -> list[Entry]:
     entries: list[Entry] = []
     if module.head == "ssd":
         if module.l2norm:
-            entries.append(Entry("scale_weight", "params", ("conv4_3_norm", "scale"), "vector"))
+            entries.append(Entry("scale_weight", "params", (arch.L2NORM_NAME, "scale"), "vector"))
         pool4 = next(layer.torch_index for layer in feats if layer.name == "pool4")
         for layer in feats:
             i = layer.torch_index
