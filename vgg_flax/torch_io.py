@@ -144,8 +144,14 @@ def _torch_load(path: Path) -> Any:
                                   f"not only weights: {_REFUSED_HINT}") from None
         raise WeightFileError(f"{path} is not a readable torch file ({short_error(err)}); "
                               "pass a state_dict saved with torch.save or a .safetensors file") from None
+    # What torch's readers raise on damaged bytes, found by truncating and corrupting saved
+    # files (zip and legacy): RuntimeError (zip reader), OSError (mmap of a short file),
+    # EOFError/struct.error/IndexError (legacy pickle cut short), ValueError (bad UTF-8 names),
+    # KeyError/AssertionError (legacy storage keys that do not match). Only ``torch.load`` is
+    # inside this try, so these are about the file; TypeError/AttributeError are not caught and
+    # surface as bugs.
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error,
-            AttributeError, TypeError, KeyError, IndexError) as err:
+            IndexError, KeyError, AssertionError) as err:
         if "zip" in str(err).lower() or isinstance(err, (EOFError, zipfile.BadZipFile)):
             problem = "is truncated or corrupt"
         else:
