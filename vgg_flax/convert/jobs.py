@@ -169,22 +169,29 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
     name, module, variables = formats.read_flax(src, name, overrides)
     src_bytes = atomic.path_size(src)
     num_params = _num_params(variables)
+    lacks = (f"{src} lacks {{}} needed by {name}; was it written for another VGG variant?")
     try:
         in_channels = np.asarray(variables["params"]["conv1_1"]["kernel"]).shape[2]
-        # Convert leaf by leaf, dropping each Flax array once its torch copy exists.
-        sd: OrderedDict[str, np.ndarray] = OrderedDict()
+    except (KeyError, TypeError) as err:  # no such leaf, or not a mapping where one belongs
+        raise ConversionError(lacks.format(err)) from None
+    x = V.verification_inputs(name, module, in_channels, images, verify_batch) \
+        if verify_outputs else None
+    # The Flax side first, on the arrays as read (moved to the device leaf by leaf, no second
+    # copy), so the checkpoint is read once; the torch side later runs on the written file.
+    flax_out = V.flax_outputs(module, variables, x, V.output_names(module)) \
+        if verify_outputs else None
+    # Convert leaf by leaf, dropping each Flax array once its torch copy exists.
+    sd: OrderedDict[str, np.ndarray] = OrderedDict()
+    try:
         for key, a in weights.iter_torch_arrays(variables, module, consume=True):
             if not key.endswith("num_batches_tracked") and \
                     a.dtype.name not in ("float32", "float16", "bfloat16", "float64"):
                 raise ConversionError(f"{src}: {key} is {a.dtype}")
             sd[key] = a
             del a
-    except (KeyError, TypeError) as err:  # a leaf missing, or not a mapping where one belongs
-        raise ConversionError(f"{src} lacks {err} needed by {name}; was it written for another "
-                              "VGG variant?") from None
+    except KeyError as err:
+        raise ConversionError(lacks.format(err)) from None
     del variables
-    x = V.verification_inputs(name, module, in_channels, images, verify_batch) \
-        if verify_outputs else None
     tmp = atomic.tmp_sibling(out_path, "tmp")
     result = None
     try:
@@ -199,9 +206,8 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
         gc.collect()
         release_memory()
         if verify_outputs:
-            result = V.verify(name, module, _torch_side(tmp),
-                              lambda: formats.read_flax(src, name, overrides)[2],
-                              in_channels=in_channels, rtol=rtol, x=x)
+            result = V.verify(name, module, _torch_side(tmp), None, in_channels=in_channels,
+                              rtol=rtol, x=x, flax_out=flax_out)
         atomic.settle(tmp, out_path, force, result)
     except OSError as err:
         atomic.remove(tmp)

@@ -15,11 +15,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vgg_flax import arch, preprocess, registry, torch_io
+from vgg_flax import arch, registry, torch_io
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.formats import flatten, unflatten
 from vgg_flax.convert.memory import release_memory
 from vgg_flax.convert.sources import SSD_NAME
+from vgg_flax.preprocess import load_image, preprocess
 
 
 @dataclasses.dataclass
@@ -123,7 +124,7 @@ def verification_inputs(name: str, module, in_channels: int, images: Sequence[st
         settings.update(resize_size=size, crop_size=size)
     for f in images:
         try:
-            a = preprocess.preprocess(preprocess.load_image(f, exif_transpose=False), settings)
+            a = preprocess(load_image(f, exif_transpose=False), settings)
         except ValueError as err:
             raise ConversionError(f"cannot read image {f} ({err}); pass a JPEG/PNG file") from None
         if in_channels != 3:  # weights for other channel counts: the grey level in each
@@ -184,8 +185,9 @@ def torch_outputs(name, module, tensors: Mapping[str, Any], x: np.ndarray, in_ch
 def flax_outputs(module, variables, x: np.ndarray, outputs: Sequence[str]):
     """The Flax model on ``x``, one input at a time (activations of one image, not a batch).
 
-    Leaves go to the device one by one; 64-byte-aligned host arrays (``map_to_flax``'s) are
-    used in place, others are copied and the host copy dropped from ``variables``.
+    Leaves go to the device one by one and replace the host leaves in ``variables`` (so the
+    caller can go on using them without a second copy): 64-byte-aligned host arrays
+    (``map_to_flax``'s) are used in place, others are copied and the host copy dropped.
     """
     import jax
     import jax.numpy as jnp
@@ -198,9 +200,8 @@ def flax_outputs(module, variables, x: np.ndarray, outputs: Sequence[str]):
         a = node[leaf]
         aligned = isinstance(a, np.ndarray) and a.ctypes.data % 64 == 0 and a.flags.c_contiguous
         device[k] = jax.device_put(a, may_alias=True) if aligned else jnp.asarray(a)
-        if not aligned and isinstance(node, dict):
-            node[leaf] = None
         del a
+        node[leaf] = device[k]
     tree = unflatten(device)
     del device
     m = module.clone(taps=tuple(outputs)) if module.head == "ssd" else module
