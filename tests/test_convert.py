@@ -696,7 +696,7 @@ T2F_BAD = [  # (tag, arguments after the name, words the one line must hold)
      ["--num-classes -5", "at least 1"]),
     ("zero_classes", lambda t, s: ["--weights", s, "--num-classes", "0", "--out", t / "o"],
      ["--num-classes 0"]),
-    ("timm_layout", lambda t, s: ["--weights", _timm_file(t), "--out", t / "o"],
+    ("timm_layout", lambda t, s: ["--weights", _timm_file(t.parent), "--out", t / "o"],
      ["this is timm's layout", "pre_logits"]),
 ]
 
