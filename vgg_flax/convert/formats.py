@@ -128,11 +128,14 @@ def _read_orbax(path: Path):
         raise ConversionError(f"{path}/vgg_flax.json names no VGG (no \"name\"); re-create the "
                               "checkpoint with convert/torch_to_flax.py or vgg_flax.save")
     check_name(info["name"])
+    overrides = info.get("overrides")
+    if not isinstance(overrides, dict):
+        raise ConversionError(f"{path}/vgg_flax.json has no \"overrides\" object; the "
+                              "checkpoint is damaged: re-create it")
+    build_module(info["name"], None, checkpoint.overrides_from_json(overrides))  # fields' errors
     try:
         module, variables = checkpoint.load(path)
-    except (TypeError, ValueError, KeyError) as err:  # fields of the wrong type, shapes
-        raise ConversionError(f"{path}: {torch_io.short_error(err)}") from None
-    except (OSError, RuntimeError) as err:  # tensorstore: missing or damaged array files
+    except (OSError, RuntimeError, ValueError) as err:  # tensorstore: missing or damaged files
         raise ConversionError(f"{path}: cannot read its arrays ({torch_io.short_error(err)}); "
                               "the checkpoint is damaged: re-create it") from None
     return info["name"], module, variables
