@@ -18,7 +18,6 @@ from vgg_flax import registry
 from vgg_flax.model import VGG, abstract_variables
 
 FORMAT = "vgg_flax/1"
-CHUNK_BYTES = 16 << 20
 # Every ``VGG`` field is saved with the weights except these: Flax's own, and run-time choices
 # of how to compute (convolution kernels, dense evaluation, taps, matmul precision), which a
 # user picks when loading (``load(path, conv="xla", taps=...)``), not properties of the weights.
@@ -74,11 +73,8 @@ def write(path: str | os.PathLike, variables: Any, name: str, *, module: VGG | N
             "metadata": meta, **(extra or {})}
     path.mkdir(parents=True)
     arrays = jax.tree.map(np.asarray, dict(variables))
-    # Stored in chunks of at most CHUNK_BYTES: reading a chunked array back holds one chunk at a
-    # time next to the result, where a single-chunk fc6 (411 MB) was held twice while restored.
-    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), arrays)
     with ocp.Checkpointer(_handler()) as ckptr:
-        ckptr.save(path / "variables", args=ocp.args.PyTreeSave(arrays, save_args=save_args))
+        ckptr.save(path / "variables", args=ocp.args.PyTreeSave(arrays))
     (path / "vgg_flax.json").write_text(json.dumps(info, indent=1, default=str))
     return path
 
