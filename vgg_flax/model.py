@@ -312,8 +312,8 @@ class VGG(nn.Module):
         for layer in self.layers():
             if layer.kind != "dropout":
                 names.append(layer.name)
-            if layer.name == "relu4_3" and self.l2norm:
-                names.append("conv4_3_norm")
+            if layer.name == arch.L2NORM_AFTER and self.l2norm:
+                names.append(arch.L2NORM_NAME)
         return names
 
     def min_input_size(self) -> int:
@@ -348,7 +348,7 @@ class VGG(nn.Module):
         if unknown:
             raise ValueError(f"unknown tap(s) {unknown}; this VGG has: {', '.join(valid)}")
         index = {layer.name: i for i, layer in enumerate(plan)}
-        index["conv4_3_norm"] = index.get("relu4_3", 0)
+        index[arch.L2NORM_NAME] = index.get(arch.L2NORM_AFTER, 0)
         return max(index[t] for t in self.taps)
 
     @nn.compact
@@ -368,19 +368,22 @@ class VGG(nn.Module):
                 # as it writes its result (one pass over the activations fewer on oneDNN).
                 fused = (layer.kind == "conv" and layer.name not in want and i < stop
                          and plan[i + 1].kind == "relu")
-                x = self._apply_layer(layer, x, train, relu=fused)
+                x = self.apply_layer(layer, x, train, relu=fused)
             if layer.name in want:
                 out[layer.name] = x
-            if layer.name == "relu4_3" and self.l2norm and (
-                    "conv4_3_norm" in want or self.is_initializing()):
-                out["conv4_3_norm"] = L2Norm(param_dtype=self.param_dtype, name="conv4_3_norm")(x)
+            if layer.name == arch.L2NORM_AFTER and self.l2norm and (
+                    arch.L2NORM_NAME in want or self.is_initializing()):
+                out[arch.L2NORM_NAME] = L2Norm(param_dtype=self.param_dtype,
+                                               name=arch.L2NORM_NAME)(x)
         if self.taps:
             return {t: out[t] for t in self.taps}
         if self.dense and self.include_top and self.head == "fc":
             return x.mean(axis=(1, 2))  # average the class score map (paper section 3.2)
         return x
 
-    def _apply_layer(self, layer: arch.Layer, x: Array, train: bool, relu: bool = False) -> Array:
+    def apply_layer(self, layer: arch.Layer, x: Array, train: bool, relu: bool = False) -> Array:
+        """One layer of ``layers()`` on ``x`` (its parameters named ``layer.name``); ``relu``
+        fuses the ReLU that follows a convolution. Call inside a compact method."""
         kind = layer.kind
         if kind == "conv":
             if self.conv not in onednn.IMPLS:
