@@ -102,7 +102,7 @@ LOAD_CASES = [
     ("a list", _write("[1, 2]"), "holds a JSON list"),
     ("future format", _edit_json(format="vgg_flax/99"), "unknown format 'vgg_flax/99'"),
     ("no format", _edit_json(format=_DROP), "unknown format None"),
-    ("no name", _edit_json(name=_DROP), "unknown VGG name None"),
+    ("no name", _edit_json(name=_DROP), 'names no VGG (no "name")'),
     ("unknown name", _edit_json(name="vgg17"), "unknown VGG name 'vgg17'"),
     ("name not a string", _edit_json(name=16), "unknown VGG name 16"),
     ("overrides a list", _edit_json(overrides=[1]), "'overrides' must be an object"),

@@ -1,6 +1,7 @@
 """save/load: variables plus everything needed to rebuild the module, on orbax-checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,16 @@ from vgg_flax import registry
 from vgg_flax.model import VGG, abstract_variables
 
 FORMAT = "vgg_flax/1"
+# Every ``VGG`` field is saved with the weights except these: Flax's own, and run-time choices
+# of how to compute (convolution kernels, dense evaluation, taps, matmul precision), which a
+# user picks when loading (``load(path, conv="xla", taps=...)``), not properties of the weights.
+EXCLUDED_FIELDS = frozenset({"parent", "name", "conv", "dense", "taps", "precision"})
+DTYPE_FIELDS = ("dtype", "param_dtype")  # saved by name ("bfloat16")
+
+
+def saved_fields() -> tuple[str, ...]:
+    """The ``VGG`` fields ``save`` records: all but ``EXCLUDED_FIELDS``."""
+    return tuple(f.name for f in dataclasses.fields(VGG) if f.name not in EXCLUDED_FIELDS)
 
 
 class CheckpointError(ValueError):
@@ -65,26 +76,23 @@ _CHECKS = {
     "param_dtype": (lambda v: v in ("float32", "bfloat16", "float16"),
                     "float32, bfloat16 or float16"),
 }
-_JSON_FIELDS = ("num_classes", "include_top", "dropout_rate", "hidden_size", "width",
-                "pool_size", "l2norm", "bn_momentum", "bn_epsilon", "cfg", "batch_norm", "head",
-                "lrn_size", "lrn_alpha", "lrn_beta", "lrn_k")
 
 
 def module_overrides(module: VGG, name: str) -> dict[str, Any]:
-    """The fields where ``module`` differs from ``create(name)``, in JSON-able form."""
+    """The saved fields where ``module`` differs from ``create(name)``, in JSON-able form."""
     base = registry.create(name)
     out: dict[str, Any] = {}
-    for f in _JSON_FIELDS + ("dtype", "param_dtype"):
+    for f in saved_fields():
         value = getattr(module, f)
         if value != getattr(base, f):
-            out[f] = jnp.dtype(value).name if f in ("dtype", "param_dtype") else value
+            out[f] = jnp.dtype(value).name if f in DTYPE_FIELDS else value
     return json.loads(json.dumps(out))
 
 
-def _from_json(overrides: dict[str, Any]) -> dict[str, Any]:
+def overrides_from_json(overrides: dict[str, Any]) -> dict[str, Any]:
     def tup(v):
         return tuple(tup(x) for x in v) if isinstance(v, list) else v
-    return {k: (jnp.dtype(v) if k in ("dtype", "param_dtype") else tup(v))
+    return {k: (jnp.dtype(v) if k in DTYPE_FIELDS else tup(v))
             for k, v in overrides.items()}
 
 
@@ -160,6 +168,8 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{f}: unknown format {info.get('format')!r}; this vgg_flax reads "
                               f"{FORMAT!r} (a newer vgg_flax wrote it? upgrade, or {_REMAKE})")
     name = info.get("name")
+    if name is None:
+        raise CheckpointError(f'{f} names no VGG (no "name"); {_REMAKE}')
     if not isinstance(name, str) or name not in registry.list_models():
         raise CheckpointError(f"{f}: unknown VGG name {name!r}; expected one of "
                               f"{', '.join(registry.list_models())}; {_REMAKE}")
@@ -168,10 +178,10 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{f}: 'overrides' must be an object of VGG fields, got "
                               f"{type(overrides).__name__}; {_REMAKE}")
     for k, v in overrides.items():
-        if k not in _CHECKS:
+        if k not in saved_fields():
             raise CheckpointError(f"{f}: unknown override {k!r}; stored fields are "
-                                  f"{', '.join(_CHECKS)}; {_REMAKE}")
-        check, want = _CHECKS[k]
+                                  f"{', '.join(saved_fields())}; {_REMAKE}")
+        check, want = _CHECKS.get(k, (lambda v: True, ""))
         if not check(v):
             raise CheckpointError(f"{f}: override {k} = {json.dumps(v)} must be {want}; "
                                   f"fix the file or {_REMAKE}")
@@ -183,7 +193,7 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]
     that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
     path = Path(path).absolute()
     info = read_info(path)
-    module = registry.create(info["name"], **{**_from_json(info.get("overrides", {})), **overrides})
+    module = registry.create(info["name"], **{**overrides_from_json(info.get("overrides", {})), **overrides})
     if not (path / "variables").is_dir():
         raise CheckpointError(f"{path}: the variables directory is missing; the checkpoint is "
                               f"incomplete: {_REMAKE}")
