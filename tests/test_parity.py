@@ -237,7 +237,7 @@ def test_max_pool_forward_and_gradient_equal_torch(ceil_mode, dtype):
         np.testing.assert_array_equal(np.asarray(dx, np.float32), nhwc(x.grad.float()))
 
 
-def test_training_gradients_equal_torchvision():
+def test_training_gradients_equal_torchvision(conv_impl):
     """d(loss)/d(every parameter) of a training-mode step equals torchvision's autograd.
 
     vgg11_bn in train mode (batch statistics), dropout off so both sides compute the same
@@ -251,7 +251,7 @@ def test_training_gradients_equal_torchvision():
             m.p = 0.0
     tm.train()
     variables = vgg_flax.from_torch(tm.state_dict(), name)
-    model = vgg_flax.create(name, dropout_rate=0.0)
+    model = vgg_flax.create(name, dropout_rate=0.0, conv=conv_impl)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 64, 64, generator=g)
     wts = torch.randn(2, 1000, generator=g)
@@ -269,7 +269,7 @@ def test_training_gradients_equal_torchvision():
         grads = jax.jit(jax.grad(loss))(variables["params"])
     for layer, got in grads.items():
         for leaf, g_ in got.items():
-            what = f"{name} grad {layer}.{leaf}"
+            what = f"{conv_impl} {name} grad {layer}.{leaf}"
             if layer.startswith("conv") and leaf == "bias":
                 # A bias followed by training-mode BN is cancelled by the mean subtraction:
                 # its true gradient is 0, and both sides return rounding noise around it.
