@@ -249,9 +249,8 @@ class Setup:
 
 # -- steps ------------------------------------------------------------------------------------
 def _normalise(config, images, dtype):
-    mean = jnp.asarray(config.input.mean, jnp.float32) * 255.0
-    std = jnp.asarray(config.input.std, jnp.float32) * 255.0
-    return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+    from vgg_flax.preprocess import normalize_lookup  # bit-equal to train/eval.py's input
+    return normalize_lookup(images, config.input.mean, config.input.std, xp=jnp).astype(dtype)
 
 
 def _correct(logits, labels, k: int):
