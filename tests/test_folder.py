@@ -232,7 +232,7 @@ def test_head_reinitialised_for_the_folder_classes(run):
     assert np.abs(a - b).max() < 0.1 * np.abs(b).max()
 
 
-def test_trainer_evaluation_equals_eval_cli(run, tree, tmp_path):
+def test_trainer_evaluation_equals_eval_cli(run, tree, tmp_path, capsys):
     """Same inputs bit for bit, same top-1/top-5 on the exported checkpoint."""
     c, result, _, _, _ = run
     c = trainer.resolved(c)
@@ -246,6 +246,12 @@ def test_trainer_evaluation_equals_eval_cli(run, tree, tmp_path):
             ref = preprocess(load_image(path), settings)
             assert np.array_equal(x[i].view(np.uint32), ref.view(np.uint32)), path
     out = trainer.export(result["workdir"], tmp_path / "export")
+    # the exported checkpoint names its classes; classify prints them
+    from vgg_flax import classify
+    assert vgg_flax.checkpoint.read_info(out)["categories"] == sorted(CLASSES)
+    assert classify.main([src.samples[0][0], "--weights", str(out), "--top", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{name} ({i})" in printed for i, name in enumerate(sorted(CLASSES))), printed
     import importlib.util
     spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "train/eval.py")
     cli = importlib.util.module_from_spec(spec)
@@ -265,3 +271,18 @@ def test_trainer_evaluation_equals_eval_cli(run, tree, tmp_path):
     assert got["images"] == result["eval_examples"]
     assert got["top1_error"] == pytest.approx(100 * (1 - result["eval_top1"]))
     assert got["top5_error"] == pytest.approx(100 * (1 - result["eval_top5"]))
+
+
+def test_draft_decodes_big_jpegs_at_reduced_size(tmp_path):
+    """input.draft: a 1200x900 JPEG decodes at 1/2 scale for S <= 450 (1/4 would be 225 < 256)."""
+    photo = Image.fromarray(load_sample_images().images[0]).resize((1200, 900))
+    d = tmp_path / "train" / "x"
+    d.mkdir(parents=True)
+    photo.save(d / "big.jpg", quality=90)
+    photo.convert("L").save(d / "gray.jpg", quality=90)
+    c = tiny_config(tmp_path)
+    c.input.update(scale_min=256, scale_max=300, resize_size=256, crop_size=224)
+    assert [ex["image"].size for ex in input_pipeline.get_source(c, "train")] == [(1200, 900)] * 2
+    c.input.draft = True
+    drafted = input_pipeline.get_source(c, "train")
+    assert [(ex["image"].size, ex["image"].mode) for ex in drafted] == [((600, 450), "RGB")] * 2

@@ -140,6 +140,8 @@ class FolderSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self.samples)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} outside the {n} files of {self.root / self.split}")
         for k in range(n if self.substitute else 1):
             path, label = self.samples[(index + k) % n]
             try:

@@ -733,6 +733,9 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     module = model.clone(dtype=jnp.float32)
     extra = {"trained": {"workdir": str(Path(workdir).absolute()), "step": int(step),
                          "dataset": config.dataset}}
+    names = read_run(workdir)[1].class_names  # folder datasets: classify prints these names
+    if names:
+        extra["categories"] = list(names)
     return vgg_flax.save(out, variables, config.model, module=module, extra=extra, force=force)
 
 

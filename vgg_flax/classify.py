@@ -1,4 +1,4 @@
-"""Top-5 ImageNet classes of image files: ``python -m vgg_flax.classify IMAGE... --weights DIR``.
+"""Top-5 classes of image files (ImageNet's, or a fine-tuned checkpoint's own): ``python -m vgg_flax.classify IMAGE... --weights DIR``.
 
 Images are read with PIL (EXIF orientation applied), preprocessed exactly as the weights'
 torchvision transforms (``vgg_flax.preprocess``) and classified in batches; no torch needed.
@@ -68,12 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vgg_flax import registry
         from vgg_flax.checkpoint import load, read_info
         try:
-            name = read_info(args.weights)["name"]
+            info = read_info(args.weights)
+            name = info["name"]
             module, variables = load(args.weights)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        categories = registry.imagenet_categories() if module.num_classes == 1000 else None
+        # a fine-tuned checkpoint carries its class names (train/export.py of a folder run)
+        categories = info.get("categories") or (
+            registry.imagenet_categories() if module.num_classes == 1000 else None)
         results = classify([im for _, im in loaded], module, variables, name,
                            protocol=args.protocol, scales=scales, top=args.top,
                            categories=categories)
