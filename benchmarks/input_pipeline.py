@@ -235,6 +235,14 @@ def markdown(result: dict) -> str:
         rounds = ", ".join(f"{x:.0f}" for x in s["rounds"])
         rel = f"{s['img_s_per_core'] / ref:.2f}x" if ref else "-"
         lines.append(f"| {impl} | {s['img_s_per_core']:.0f} | {rounds} | {rel} |")
+    if "grain" in result["summary"] and ref:
+        ratios = [g / t for g, t in zip(result["summary"]["grain"]["rounds"],
+                                        result["summary"]["tf.data"]["rounds"])]
+        lines += ["", "grain / tf.data within each round (adjacent runs, so closer in machine load than the medians): "
+                  + ", ".join(f"{r:.2f}x" for r in ratios) + "."]
+    if result.get("load_average"):
+        lines += ["", f"Load average before / after the run: {result['load_average']} (other "
+                  "jobs on the machine slow every pipeline alike; absolute figures are lower bounds)."]
     lines += ["", f"Host cores per accelerator for VGG-16 training at the grain rate (derived: "
               f"3 x 2 x {VGG16_GMACS} GFLOP per image at {100 * a['mfu']:.0f}% of dense bf16 peak):",
               "", "| accelerator | peak TFLOP/s | VGG-16 train img/s | host cores (grain) |"
@@ -277,6 +285,7 @@ def main(argv=None) -> int:
         return 2
     args.batches = args.batches or max(1, args.images // args.batch - 1)
     w, h = (int(x) for x in args.size.lower().split("x"))
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
         root = Path(tmp)
         data = make_images(root, args.images, size=(w, h))
@@ -300,7 +309,8 @@ def main(argv=None) -> int:
                          f"{len(os.sched_getaffinity(0))} CPUs visible",
               "accelerators": {i: accelerator_needs(s["img_s_per_core"], args.mfu)
                                for i, s in summary.items()},
-              "runs": runs}
+              "runs": runs,
+              "load_average": f"{load_before:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown(result))):
