@@ -4,6 +4,7 @@
     python train/train.py --config train/configs/folder.py --workdir runs/mine \
         --config.data_dir=ROOT --config.init_from=weights/vgg16
     python train/export.py --workdir runs/mine --out runs/mine_export
+    python -m vgg_flax.classify my_photo.jpg --weights runs/mine_export   # prints your class names
 
 Every layer is copied from ``init_from`` except fc8, re-initialised for the folder's class count
 (a 1000-class folder keeps ImageNet's fc8 too; pass ``--config.init_from_layers`` to choose).
