@@ -16,7 +16,9 @@ without DataParallel's ``module.`` prefix, bare or inside a checkpoint under ``s
 ``model``; for ``vgg16_ssd`` also torchvision's ``ssd300_vgg16`` (``backbone.`` keys, heads and
 SSD's extra blocks dropped), its bare ``SSDFeatureExtractorVGG``, ssd.pytorch's
 ``vgg16_reducedfc.pth`` (a ``ModuleList``: keys ``0.weight`` ... ``33.bias``) and ssd.pytorch's full
-SSD (``vgg.N``, ``L2Norm.weight``).
+SSD (``vgg.N``, ``L2Norm.weight``); timm's VGG layout (``pre_logits.fc1``/``fc2`` convolutions,
+``head.fc``; see ``vgg_flax.timm_layout``) for any classifier. ``--weights hf:timm/vgg16.tv_in1k``
+reads a file from the Hugging Face hub through huggingface_hub's cache.
 
 Precision: weights are converted to float32 by default (fp16/bf16 sources are widened, which is
 exact). ``dtype="keep"`` keeps the source's floating dtype, ``"float16"``/``"bfloat16"`` narrow.
@@ -58,7 +60,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vgg_flax import arch, registry, torch_io
+from vgg_flax import arch, registry, timm_layout, torch_io
 from vgg_flax.torch_io import Tensor, WeightFileError
 
 FORMATS = ("orbax", "safetensors", "msgpack")
@@ -171,6 +173,8 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, progress: bool
     """A file for ``weights``: a path, or a torchvision enum member (``IMAGENET1K_V1``,
     ``VGG16_Weights.IMAGENET1K_FEATURES``, ``DEFAULT``) fetched by torchvision's weights API into
     torch's hub cache (progress bar, hash check). Offline with nothing cached: ConversionError."""
+    if isinstance(weights, str) and weights.startswith("hf:"):
+        return _hf_source(weights, progress)
     if weights is not None and (isinstance(weights, os.PathLike) or Path(weights).exists()
                                 or not re.fullmatch(r"([A-Za-z0-9]+_Weights\.)?[A-Z0-9_]+",
                                                     str(weights))):
@@ -203,6 +207,24 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, progress: bool
     return Source(cached, label)
 
 
+def _hf_source(spec: str, progress: bool) -> Source:
+    """``hf:OWNER/REPO[/FILE]`` (FILE defaults to model.safetensors) via huggingface_hub's cache."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from vgg_flax.pretrained import hub_file
+    parts = spec[3:].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ConversionError(f"--weights {spec!r}: write hf:OWNER/REPO or hf:OWNER/REPO/FILE, "
+                              "e.g. hf:timm/vgg16.tv_in1k")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
+    try:
+        return Source(hub_file(repo, filename, progress=progress), spec)
+    except (OSError, EntryNotFoundError) as err:
+        raise ConversionError(f"cannot get {filename} of Hugging Face repo {repo} "
+                              f"({torch_io._short(err)}); check the name, or pass --weights PATH "
+                              "with the downloaded file") from None
+
+
 # -- layouts: any known torch layout -> vgg_flax.from_torch's layout ----------------------------
 def detect_layout(keys: Iterable[str]) -> str:
     """One of: torchvision, ssd300 (torchvision detector), ssd_extractor (its backbone),
@@ -225,6 +247,13 @@ def _strip_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tenso
     while tensors and all(k.startswith(prefix) for k in tensors):
         tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     return dict(tensors)
+
+
+def _reshaped(src: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``src`` seen with another shape of the same rows (timm's classifier convolutions)."""
+    tail = shape[1:]
+    return Tensor(shape, src.dtype, lambda sl: src.rows(sl).reshape((-1,) + tail),
+                  lambda: src.torch().reshape(shape), src.release, src.mmapped)
 
 
 def decimate_fc(fc6_w: np.ndarray, fc6_b: np.ndarray, fc7_w: np.ndarray, fc7_b: np.ndarray,
@@ -272,6 +301,8 @@ def to_library_layout(tensors: Mapping[str, Tensor], name: str, module, *,
     notes: list[str] = []
     t = {k: v for k, v in _strip_prefix(tensors, "module.").items()
          if not k.endswith("num_batches_tracked")}
+    if timm_layout.is_timm_layout(t):  # timm's convolutional classifier: reshapes, no copies
+        t = timm_layout.to_torchvision(t, _reshaped)
     layout = detect_layout(t)
     is_ssd = module.head == "ssd"
     if not is_ssd:
@@ -1311,7 +1342,8 @@ def torch_to_flax_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights", help="torchvision weights (IMAGENET1K_V1, IMAGENET1K_FEATURES, "
                    "DEFAULT; default: IMAGENET1K_V1, for vgg16_ssd IMAGENET1K_FEATURES) or a "
                    ".pth/.pt/.safetensors file (state_dict or checkpoint with one under "
-                   "'state_dict'/'model'; DataParallel 'module.' prefixes are fine)")
+                   "'state_dict'/'model'; DataParallel 'module.' prefixes are fine; timm's layout too), or "
+                   "hf:OWNER/REPO[/FILE] from the Hugging Face hub, e.g. hf:timm/vgg16.tv_in1k")
     p.add_argument("--out", help="output path (default out/NAME, plus .safetensors/.msgpack)")
     p.add_argument("--format", choices=FORMATS, help="orbax (default; read by vgg_flax.load), "
                    "safetensors or msgpack (flax.serialization); default from --out's suffix")
