@@ -194,6 +194,32 @@ def test_torch_blocked_offline_error_then_hf(tmp_path, hf_cache, converted):
     jax.tree.map(np.testing.assert_array_equal, variables, converted[2])
 
 
+def test_torch_hub_cache_when_the_hub_has_nothing(tmp_path, timm_vgg11, converted, monkeypatch):
+    """Source 3: HF offline with an empty cache, torchvision's vgg11 file in torch's hub cache."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(timm_layout.to_torchvision(timm_vgg11[0].state_dict()), hub / "vgg11-8a719046.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _, v = vgg_flax.pretrained("vgg11", cache_dir=tmp_path / "cache", progress=False)
+    jax.tree.map(np.testing.assert_array_equal, v, converted[2])
+    info = checkpoint.read_info(tmp_path / "cache" / "vgg11.IMAGENET1K_V1")
+    assert info["converted_from"]["source"].startswith("VGG11_Weights.IMAGENET1K_V1")
+
+
+def test_cache_write_is_atomic(tmp_path, monkeypatch):
+    """A write that dies half way leaves no entry (the next call converts again), only a warning."""
+    def dies(path, *args, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "vgg_flax.json").write_text("{")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "write", dies)
+    with pytest.warns(UserWarning, match="could not cache vgg11's converted weights"):
+        P._store(tmp_path / "vgg11.IMAGENET1K_V1", {}, "vgg11", vgg_flax.create("vgg11"), {})
+    assert os.listdir(tmp_path) == []
+
+
 def test_converter_reads_timm_files_and_hf(tmp_path, timm_vgg11, offline, converted, capsys):
     _, path = timm_vgg11
     out = tmp_path / "from_file"

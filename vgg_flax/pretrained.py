@@ -120,7 +120,7 @@ def _store(path: Path, variables: Mapping[str, Any], name: str, module: VGG,
     except FileExistsError:
         pass  # another process cached it first: same weights
     except OSError as err:
-        if not (path / "checkpoint.json").exists() and not (path / "vgg_flax.json").exists():
+        if not (path / "vgg_flax.json").exists():  # else: another process won the rename
             warnings.warn(f"could not cache {name}'s converted weights at {path} ({err}); the "
                           f"next call converts them again (set {CACHE_ENV} to a writable "
                           "directory)", stacklevel=3)
