@@ -208,6 +208,31 @@ def test_torch_hub_cache_when_the_hub_has_nothing(tmp_path, timm_vgg11, converte
     assert info["converted_from"]["source"].startswith("VGG11_Weights.IMAGENET1K_V1")
 
 
+def test_ssd_backbone_features_from_torch_hub(tmp_path, monkeypatch):
+    """vgg16_ssd: torchvision's IMAGENET1K_FEATURES (SSD300's backbone), conv6/conv7 initialised
+    as ssd300_vgg16 does, with the converter's notes as warnings."""
+    import torchvision
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16().features
+    with torch.no_grad():
+        for name, q in features.named_parameters():
+            if name.endswith("bias"):
+                q.uniform_(-0.1, 0.1)
+    sd = {f"features.{k}": v for k, v in features.state_dict().items()}
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(sd, hub / "vgg16_features-amdegroot-88682ab5.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.warns(UserWarning, match="conv6/conv7: initialised as torchvision's ssd300_vgg16"):
+        module, v = vgg_flax.pretrained("vgg16_ssd", cache_dir=tmp_path / "cache", progress=False)
+    assert module.head == "ssd"
+    np.testing.assert_array_equal(v["params"]["conv5_3"]["kernel"],
+                                  sd["features.28.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(v["params"]["conv4_3_norm"]["scale"], 20.0)
+    assert (tmp_path / "cache" / "vgg16_ssd.IMAGENET1K_FEATURES" / "vgg_flax.json").is_file()
+
+
 def test_cache_write_is_atomic(tmp_path, monkeypatch):
     """A write that dies half way leaves no entry (the next call converts again), only a warning."""
     def dies(path, *args, **kwargs):
@@ -222,10 +247,8 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 
 def test_converter_reads_timm_files_and_hf(tmp_path, timm_vgg11, offline, converted, capsys):
     _, path = timm_vgg11
-    out = tmp_path / "from_file"
-    assert convert.torch_to_flax_main(["vgg11", "--weights", str(path), "--out", str(out),
-                                       "--no-verify"]) == 0
-    _, v = checkpoint.load(out)
+    # what `torch_to_flax.py vgg11 --weights model.safetensors` converts (in memory here)
+    _, v = convert.load_torch_weights("vgg11", str(path), progress=False)
     jax.tree.map(np.testing.assert_array_equal, v, converted[2])
     # hf:OWNER/REPO[/FILE] is that file, from huggingface_hub's cache (offline here)
     for spec in ("hf:timm/vgg11.tv_in1k", "hf:timm/vgg11.tv_in1k/model.safetensors"):
