@@ -99,6 +99,22 @@ def test_gradient_no_further_from_float64_than_torch_float32(reference):
     assert dist(np.asarray(ours, np.float64)) <= dist(g32), (dist(np.asarray(ours)), dist(g32))
 
 
+def test_default_trunk_is_pretrained_vgg16(reference, monkeypatch):
+    """lpips.params() takes vgg_flax.pretrained("vgg16")'s features (its sources are tested in
+    test_pretrained.py); the classifier is never kept."""
+    import importlib
+    P = importlib.import_module("vgg_flax.pretrained")
+    calls = []
+
+    def fake(name, **kw):
+        calls.append((name, kw))
+        return None, {"params": dict(reference[1]["trunk"]["params"], fc6={"kernel": 0})}
+    monkeypatch.setattr(P, "pretrained", fake)
+    p = lpips.params(cache_dir="somewhere")
+    assert calls == [("vgg16", {"include_top": False, "cache_dir": "somewhere", "progress": True})]
+    assert set(p["trunk"]["params"]) == set(reference[1]["trunk"]["params"])
+
+
 def test_params_want_vgg16_variables():
     with pytest.raises(ValueError, match="trunk variables lack conv5_1, conv5_2, conv5_3"):
         lpips.params({"params": {f"conv{b}_{i}": {} for b in (1, 2, 3, 4) for i in (1, 2, 3)}})
