@@ -6,6 +6,7 @@ HF_HUB_OFFLINE. vgg11 is the smallest variant timm publishes; its full size is t
 (pretrained's shape checks are strict), so one session fixture builds it once.
 """
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -261,7 +262,7 @@ def test_converter_reads_timm_files_and_hf(tmp_path, timm_vgg11, offline, conver
                           "timm/vgg99.tv_in1k") and "\n" not in err
 
 
-def test_classify_takes_a_model_name(converted, monkeypatch, tmp_path, capsys):
+def test_classify_and_eval_take_a_model_name(converted, monkeypatch, tmp_path, capsys):
     """vgg_flax.load('vgg11') (what --weights NAME calls) through the cache in $VGG_FLAX_CACHE."""
     from PIL import Image
 
@@ -271,3 +272,9 @@ def test_classify_takes_a_model_name(converted, monkeypatch, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(img)
     assert classify.main([str(img), "--weights", "vgg11", "--top", "2"]) == 0
     assert capsys.readouterr().out.count("%") == 2
+    spec = importlib.util.spec_from_file_location("vgg_flax_eval_cli", ROOT / "train" / "eval.py")
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    result = eval_cli.main(["--weights", "vgg11", "--synthetic", "64x64", "--limit", "2",
+                            "--crop-size", "64", "--resize-size", "72", "--batch-size", "2"])
+    assert result["images"] == 2 and "vgg11" in capsys.readouterr().out

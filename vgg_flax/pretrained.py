@@ -129,7 +129,7 @@ def _store(path: Path, variables: Mapping[str, Any], name: str, module: VGG,
 def _convert(name: str, member: str, cache: Path, progress: bool) -> dict[str, Any]:
     """Find a source (HF hub, then torchvision), convert, cache. WeightsUnavailableError if none."""
     from vgg_flax import convert
-    looked = [f"vgg_flax's cache {cache} (empty)"]
+    looked = [f"vgg_flax's cache {cache} (no copy)"]
     prep = None
     repo = hf_repo(name)
     if repo is None:
