@@ -151,8 +151,8 @@ def test_gatys_loss_and_gradient_equal_torch():
 
     def ours(f):
         return losses.gatys(f, target, alpha=1.0, beta=1e3)
-    got = np.asarray(ours(feats))
-    grads = jax.grad(lambda f: ours(f).sum())(feats)
+    got = np.asarray(jax.jit(ours)(feats))
+    grads = jax.jit(jax.grad(lambda f: ours(f).sum()))(feats)
 
     tt = {k: _nchw(v).requires_grad_(True) for k, v in feats.items()}
     want = _torch_gatys(tt, {k: _nchw(v) for k, v in content.items()},
