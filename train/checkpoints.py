@@ -98,7 +98,8 @@ def check_fits(step_dir: Path, abstract_state, directory) -> None:
     if not saved:
         raise _Damaged("no arrays in its metadata")
     diffs = []
-    for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params/"), n)):
+    order = lambda n: (not n.startswith("params/"), n.rpartition("/")[0], not n.endswith("kernel"))
+    for name in sorted(set(saved) | set(wanted), key=order):
         if name not in wanted:
             diffs.append(f"{name} {saved[name][0]} is not in this config's model")
         elif name not in saved:
