@@ -133,6 +133,16 @@ def _restore_one(mngr, step: int, abstract_state, train_iter):
     return r["state"], r["meta"]
 
 
+def restore_step(mngr, step: int, abstract_state):
+    """The state saved at ``step`` (export of a chosen step); ConfigError if it does not fit
+    ``abstract_state`` or is damaged."""
+    try:
+        return _restore_one(mngr, step, abstract_state, None)[0]
+    except _Damaged as e:
+        raise ConfigError(f"checkpoint step {step} in {mngr.directory} is damaged ({e}); "
+                          "pick another --step") from None
+
+
 def restore_latest(mngr, workdir: Path, abstract_state, train_iter=None):
     """(step, state, meta) from the newest readable checkpoint, or (None, None, None) if there is
     none. Damaged steps are skipped with a warning and, when resuming (``train_iter`` given),

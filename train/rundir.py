@@ -18,11 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 import vgg_flax
 from train import input_pipeline, sharding
-from train.checkpoints import checkpoint_manager, restore_latest
+from train.checkpoints import checkpoint_manager, restore_latest, restore_step
 from train.state import Setup
 from train.validation import ConfigError
 
@@ -163,8 +162,7 @@ def restore_variables(workdir: str | os.PathLike, step: int | None = None):
         if step is None:
             step, state, _ = restore_latest(mngr, workdir, setup.abstract_sharded)
         else:
-            state = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(setup.abstract_sharded)))["state"]
+            state = restore_step(mngr, step, setup.abstract_sharded)
     finally:
         mngr.close()
     variables = {"params": state["params"]}
