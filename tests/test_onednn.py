@@ -145,6 +145,15 @@ def test_mixed_dtypes_round_the_kernel_inside():
     want = jax.vjp(lambda *a: jnp.maximum(f(*a), 0), x, w, b)[1](jnp.ones_like(y))
     for got, ref in zip(vjp_relu(jnp.ones_like(y)), want):
         np.testing.assert_array_equal(f32(got), f32(ref))
+    # The other way round (float32 activations, bfloat16 parameters kept from a bf16 file):
+    # oneDNN has no such kernel, so the parameters are widened exactly and the result is f32.
+    wb, bb = w.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    y, vjp = jax.vjp(f, f32(x), wb, bb)
+    want = lax.conv_general_dilated(f32(x), f32(wb), (1, 1), "SAME", dimension_numbers=dn(x, w),
+                                    precision="highest") + f32(bb)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert [g.dtype for g in vjp(jnp.ones_like(y))] == [jnp.float32, jnp.bfloat16, jnp.bfloat16]
 
 
 def test_vmap_and_remat():

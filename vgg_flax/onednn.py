@@ -499,6 +499,11 @@ def conv(x, w, b=None, *, strides: Sequence[int] = (1, 1), padding: Any = ((0, 0
         raise ValueError(f"conv implementation must be one of {IMPLS}, got {impl!r}")
     geom = geometry(x.shape, w.shape, strides, padding, dilation)
     precision = canonicalize_precision(precision)
+    # oneDNN pairs bfloat16 activations with float32 parameters (rounded in its weight reorder)
+    # but has no float32 x bfloat16 convolution: parameters narrower than the activations are
+    # widened first, exactly, as flax's promote_dtype would.
+    w, b = (a if a is None or np.dtype(a.dtype).itemsize >= np.dtype(x.dtype).itemsize
+            else a.astype(x.dtype) for a in (w, b))
     params = [a for a in (w, b) if a is not None]
     why = next((f"oneDNN convolutions take float32 or bfloat16 parameters, not {a.dtype}"
                 for a in params if np.dtype(a.dtype) not in _FLOATS), "")
