@@ -189,3 +189,12 @@ def test_other_errors_propagate_and_touch_nothing(run, monkeypatch, error):
         trainer.train_and_evaluate(tiny("digits", total_steps=4), run)
     assert e.value is error
     assert snapshot(run) == before and not (run / "corrupt_checkpoints").exists()
+
+
+def test_export_of_a_damaged_step_is_one_line(run, tmp_path):
+    _damage(run / "checkpoints" / "4", "truncated")
+    before = snapshot(run)
+    with pytest.raises(trainer.ConfigError, match="checkpoint step 4 in .* is damaged") as e:
+        trainer.export(run, tmp_path / "out", step=4)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    assert snapshot(run) == before
