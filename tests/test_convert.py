@@ -93,7 +93,7 @@ def seeded_state_dict(name: str, seed: int = 0, **overrides) -> dict[str, torch.
 
 
 def assert_tree_equal(a, b):
-    fa, fb = dict(C._flatten(a)), dict(C._flatten(b))
+    fa, fb = dict(C.flatten(a)), dict(C.flatten(b))
     assert fa.keys() == fb.keys()
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -447,7 +447,7 @@ def test_formats_and_back(tmp, small):
     st = tmp / "fmt" / "v.safetensors"
     p = cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", st, *SMALL_FLAGS, check=0)
     assert "file read back bit-identical: OK" in p.stdout
-    assert_tree_equal(C._unflatten(load_file(st)), expect)
+    assert_tree_equal(C.unflatten(load_file(st)), expect)
     mp = tmp / "fmt" / "v.msgpack"
     cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", mp, "--no-verify", *SMALL_FLAGS,
         check=0)
@@ -641,3 +641,122 @@ def test_flax_to_torch_bad_input(tmp, small):
 def test_unknown_torchvision_weights_name(tmp):
     _bad(tmp, "enum", "vgg16", "--weights", "IMAGENET1K_V7", expect=["IMAGENET1K_V1", "IMAGENET1K_FEATURES"])
     _bad(tmp, "noweights", "vgg16_c", expect=["no published torchvision weights", "--weights PATH"])
+
+
+# -- bad input that used to give a traceback (issue 15): one line, exit 2, nothing left ---------
+@pytest.fixture(scope="session")
+def converted(tmp, small) -> Path:
+    """A small orbax checkpoint written by the converter (to damage in copies)."""
+    out = tmp / "converted_small"
+    cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", out, "--no-verify",
+        *SMALL_FLAGS, check=0)
+    return out
+
+
+def _damaged(converted, tmp, tag, damage) -> Path:
+    import shutil
+    d = tmp / f"damaged_{tag}"
+    if not d.exists():
+        shutil.copytree(converted, d)
+        damage(d)
+    return d
+
+
+def _drop_largest_array_file(d: Path) -> None:
+    max((f for f in (d / "variables").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size).unlink()
+
+
+def _write_info(d: Path, edit) -> None:
+    import json
+    f = d / "vgg_flax.json"
+    info = json.loads(f.read_text())
+    edit(info)
+    f.write_text(json.dumps(info))
+
+
+T2F_BAD = [  # (tag, arguments after the name, words the one line must hold)
+    ("out_under_a_file", lambda t, s: ["--weights", s, "--out", t / "a_file" / "sub"],
+     ["a_file is a file", "--out"]),
+    ("negative_classes", lambda t, s: ["--weights", s, "--num-classes", "-5", "--out", t / "o"],
+     ["--num-classes -5", "at least 1"]),
+    ("zero_classes", lambda t, s: ["--weights", s, "--num-classes", "0", "--out", t / "o"],
+     ["--num-classes 0"]),
+]
+
+
+@pytest.mark.parametrize("tag, args, expect", T2F_BAD, ids=[c[0] for c in T2F_BAD])
+def test_torch_to_flax_bad_input_table(tmp, small, tag, args, expect):
+    d = tmp / f"t2f_bad_{tag}"
+    d.mkdir()
+    (d / "a_file").write_text("x")
+    p = cli(C.torch_to_flax_main, "vgg11", *args(d, small[0]))
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    line = one_error_line(p)
+    for e in expect:
+        assert e in line, line
+    assert sorted(x.name for x in d.iterdir()) == ["a_file"]
+
+
+def test_write_failure_is_one_line_and_cleans_up(tmp, small, monkeypatch):
+    """A write that fails (read-only or full disk; as root a read-only directory is still
+    writable, so the failure is injected): one line, exit 2, no temporary output, and the
+    cleanup itself raises nothing more."""
+    from vgg_flax.convert import formats
+
+    def fail(path, *a, **k):
+        Path(path).mkdir()
+        (Path(path) / "part").write_text("half")
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(formats, "write_flax", fail)
+    d = tmp / "t2f_write_fails"
+    d.mkdir()
+    p = cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", d / "o", "--no-verify",
+            *SMALL_FLAGS)
+    assert p.returncode == 2 and "cannot write" in one_error_line(p)
+    assert list(d.iterdir()) == []
+
+
+F2T_BAD = [  # (tag, damage to a copy of a converted checkpoint, words the one line must hold)
+    ("data_file_deleted", _drop_largest_array_file, ["damaged"]),
+    ("invalid_json", lambda d: (d / "vgg_flax.json").write_text("{not json"), ["not valid JSON"]),
+    ("no_name", lambda d: _write_info(d, lambda i: i.pop("name")), ["no \"name\""]),
+    ("unknown_name", lambda d: _write_info(d, lambda i: i.update(name="vgg17")), ["vgg17"]),
+]
+
+
+@pytest.mark.parametrize("tag, damage, expect", F2T_BAD, ids=[c[0] for c in F2T_BAD])
+def test_flax_to_torch_damaged_checkpoint_table(tmp, converted, tag, damage, expect):
+    src = _damaged(converted, tmp, tag, damage)
+    out_dir = tmp / f"f2t_bad_{tag}"
+    out_dir.mkdir()
+    p = cli(C.flax_to_torch_main, src, "--out", out_dir / "x.pth")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    line = one_error_line(p)
+    for e in expect:
+        assert e in line, line
+    assert list(out_dir.iterdir()) == []
+
+
+def test_corrupt_torch_files_say_so_in_one_line(tmp):
+    """Seeded truncations and byte flips of zip and legacy .pth files: each either loads or is
+    refused with WeightFileError (never another exception type)."""
+    from vgg_flax import torch_io
+    sd = {f"features.{i}.weight": torch.randn(8, 4, 3, 3) for i in range(3)}
+    rng = np.random.default_rng(0)
+    for fmt, new_zip in (("zip", True), ("legacy", False)):
+        good = tmp / f"fuzz_{fmt}.pth"
+        torch.save(sd, good, _use_new_zipfile_serialization=new_zip)
+        data = good.read_bytes()
+        variants = [data[:int(c)] for c in rng.integers(1, len(data), 40)]
+        for _ in range(40):
+            b = bytearray(data)
+            i, n = int(rng.integers(len(b))), int(rng.integers(1, 16))
+            b[i:i + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            variants.append(bytes(b))
+        for j, v in enumerate(variants):
+            f = tmp / f"fuzz_{fmt}_{j}.pth"
+            f.write_bytes(v)
+            try:
+                torch_io.open_weights(f)
+            except torch_io.WeightFileError as err:
+                assert "\n" not in str(err)

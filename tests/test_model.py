@@ -1,4 +1,6 @@
 """The model library's API: construction, errors, taps, initialisation, save/load, NNX."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,15 @@ def test_names_classes_and_metadata():
     m = vgg_flax.VGG16(num_classes=10)
     assert isinstance(m, vgg_flax.VGG) and m.num_classes == 10 and m.cfg == vgg_flax.CFGS["D"]
     assert vgg_flax.VGG19_BN().batch_norm and not vgg_flax.VGG19().batch_norm
+    # Each named class is written out by hand: its defaults must be its variant's row.
+    from vgg_flax import registry
+    assert set(registry.NAMED_CLASSES) == set(vgg_flax.list_models())
+    for name, cls in registry.NAMED_CLASSES.items():
+        assert getattr(vgg_flax, name.upper()) is cls and cls.__module__ == "vgg_flax.registry"
+        built, made = cls(), vgg_flax.create(name)
+        for f in dataclasses.fields(vgg_flax.VGG):
+            if f.name not in ("parent", "name"):
+                assert getattr(built, f.name) == getattr(made, f.name), (name, f.name)
     assert vgg_flax.imagenet_categories() == tuple(
         torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
     for name in TORCHVISION_NAMES:
@@ -208,6 +219,28 @@ def test_save_load_roundtrip(small, tmp_path):
     assert not list(tmp_path.glob(".ckpt.tmp-*")), "temporary directory left behind"
     with pytest.raises(FileNotFoundError, match="not a vgg_flax checkpoint"):
         vgg_flax.load(tmp_path)
+
+
+def test_saved_fields_derive_from_the_dataclass():
+    """Every VGG field is recorded by save except the explicit run-time choices: a changed value
+    of each appears in the saved overrides and comes back; conv never does."""
+    from vgg_flax import checkpoint
+    fields = {f.name for f in dataclasses.fields(vgg_flax.VGG)}
+    assert set(checkpoint.saved_fields()) == fields - checkpoint.EXCLUDED_FIELDS
+    assert {"conv", "parent", "name"} <= checkpoint.EXCLUDED_FIELDS
+    changed = dict(num_classes=7, include_top=False, dropout_rate=0.3, hidden_size=128,
+                   width=0.5, pool_size=(2, 2), l2norm=True, bn_momentum=0.2, bn_epsilon=1e-3,
+                   cfg=vgg_flax.CFGS["A"], batch_norm=True, head="ssd", lrn_size=3,
+                   lrn_alpha=1e-3, lrn_beta=0.5, lrn_k=1.0, dtype=jnp.bfloat16,
+                   param_dtype=jnp.bfloat16)
+    assert set(changed) == set(checkpoint.saved_fields()), "a new VGG field: add it here"
+    module = vgg_flax.create("vgg16", conv="xla", **changed)
+    saved = checkpoint.module_overrides(module, "vgg16")
+    assert set(saved) == set(changed)
+    back = vgg_flax.create("vgg16", **checkpoint.overrides_from_json(saved))
+    for k, v in changed.items():
+        assert getattr(back, k) == v, k
+    assert back.conv == "auto"
 
 
 def test_nnx_module_has_the_same_function(small):

@@ -235,3 +235,34 @@ def test_precision_reaches_xla_convolutions(net):
     text = jax.jit(model.clone(conv="xla", precision="highest").apply).lower(
         {"params": params}, x).as_text()
     assert text.count("precision HIGHEST") >= 2 * 8  # both operands of each convolution
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pool_gradient_behind_a_fused_relu_equals_torch(impl):
+    """relu(conv(x) + b) -> 2x2 max pool, gradients against torch's autograd.
+
+    Guards the pool's derivative against an XLA:CPU in-place fusion hazard: when it read the
+    windows through a reshape of x, XLA wrote x's cotangent over x's buffer while still reading
+    it, and this gradient was wrong by up to 100% (3 -> 64 channels is a shape that triggered it).
+    Ties: half the ReLU outputs are 0, so many windows are all zero.
+    """
+    import torch
+    from vgg_flax.model import max_pool_2x2
+    k = jax.random.split(jax.random.key(4), 4)
+    x = jax.random.normal(k[0], (2, 16, 16, 3))
+    w = jax.random.normal(k[1], (3, 3, 3, 64)) * 0.3
+    b = jax.random.normal(k[2], (64,)) * 0.1
+    r = jax.random.normal(k[3], (2, 8, 8, 64))
+
+    def f(w, b):
+        y = onednn.conv(x, w, b, padding=((1, 1), (1, 1)), relu=True, impl=impl)
+        return (max_pool_2x2(y) * r).sum()
+
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(jax.grad(f, argnums=(0, 1)))(w, b)
+    t = lambda a, *perm: torch.tensor(np.asarray(a).transpose(*perm))  # noqa: E731
+    wt, bt = t(w, 3, 2, 0, 1).requires_grad_(), t(b, 0).requires_grad_()
+    y = torch.relu(torch.nn.functional.conv2d(t(x, 0, 3, 1, 2), wt, bt, padding=1))
+    (torch.nn.functional.max_pool2d(y, 2) * t(r, 0, 3, 1, 2)).sum().backward()
+    for g, ref in zip(got, (wt.grad.numpy().transpose(2, 3, 1, 0), bt.grad.numpy())):
+        np.testing.assert_allclose(g, ref, rtol=0, atol=RTOL * np.abs(ref).max())

@@ -18,7 +18,7 @@ import argparse
 import numpy as np
 
 from vgg_flax import evaluate as E
-from vgg_flax.checkpoint import load, read_info
+from vgg_flax.checkpoint import is_model_name, load, read_info
 from vgg_flax.preprocess import preprocessing
 
 
@@ -32,7 +32,8 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="checkpoint directory written by vgg_flax.save")
+    p.add_argument("--weights", required=True, help="checkpoint directory written by "
+                   "vgg_flax.save, or a model name (vgg16 ...) for its published weights")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="TFDS name, e.g. imagenet2012 (prepared in --data-dir), "
                      "or 'folder': your images in --data-dir/<split>/<class>/<image>")
@@ -138,9 +139,9 @@ def test_scales_for(args, name: str) -> tuple[tuple[int, ...] | None, str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        info = read_info(args.weights)
+        info = {"name": args.weights} if is_model_name(args.weights) else read_info(args.weights)
         module, variables = load(args.weights)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
         raise SystemExit(f"error: {e}") from None
     name = info["name"]
     scales, train_label = test_scales_for(args, name)

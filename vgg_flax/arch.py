@@ -64,6 +64,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+# SSD's L2Norm is a branch, not a step of the chain: it reads relu4_3 and feeds the detector,
+# under this name (ssd.pytorch's and torchvision's ``scale_weight``).
+L2NORM_AFTER, L2NORM_NAME = "relu4_3", "conv4_3_norm"
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One step of the forward pass, named as in the paper and Caffe (conv3_2, relu4_3, pool5)."""

@@ -1,6 +1,7 @@
 """save/load: variables plus everything needed to rebuild the module, on orbax-checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,26 +18,33 @@ from vgg_flax import registry
 from vgg_flax.model import VGG, abstract_variables
 
 FORMAT = "vgg_flax/1"
-_JSON_FIELDS = ("num_classes", "include_top", "dropout_rate", "hidden_size", "width",
-                "pool_size", "l2norm", "bn_momentum", "bn_epsilon", "cfg", "batch_norm", "head",
-                "lrn_size", "lrn_alpha", "lrn_beta", "lrn_k")
+# Every ``VGG`` field is saved with the weights except these: Flax's own, and run-time choices
+# of how to compute (convolution kernels, dense evaluation, taps, matmul precision), which a
+# user picks when loading (``load(path, conv="xla", taps=...)``), not properties of the weights.
+EXCLUDED_FIELDS = frozenset({"parent", "name", "conv", "dense", "taps", "precision"})
+DTYPE_FIELDS = ("dtype", "param_dtype")  # saved by name ("bfloat16")
+
+
+def saved_fields() -> tuple[str, ...]:
+    """The ``VGG`` fields ``save`` records: all but ``EXCLUDED_FIELDS``."""
+    return tuple(f.name for f in dataclasses.fields(VGG) if f.name not in EXCLUDED_FIELDS)
 
 
 def module_overrides(module: VGG, name: str) -> dict[str, Any]:
-    """The fields where ``module`` differs from ``create(name)``, in JSON-able form."""
+    """The saved fields where ``module`` differs from ``create(name)``, in JSON-able form."""
     base = registry.create(name)
     out: dict[str, Any] = {}
-    for f in _JSON_FIELDS + ("dtype", "param_dtype"):
+    for f in saved_fields():
         value = getattr(module, f)
         if value != getattr(base, f):
-            out[f] = jnp.dtype(value).name if f in ("dtype", "param_dtype") else value
+            out[f] = jnp.dtype(value).name if f in DTYPE_FIELDS else value
     return json.loads(json.dumps(out))
 
 
-def _from_json(overrides: dict[str, Any]) -> dict[str, Any]:
+def overrides_from_json(overrides: dict[str, Any]) -> dict[str, Any]:
     def tup(v):
         return tuple(tup(x) for x in v) if isinstance(v, list) else v
-    return {k: (jnp.dtype(v) if k in ("dtype", "param_dtype") else tup(v))
+    return {k: (jnp.dtype(v) if k in DTYPE_FIELDS else tup(v))
             for k, v in overrides.items()}
 
 
@@ -100,15 +108,37 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a vgg_flax checkpoint (no vgg_flax.json); "
                                 "write one with vgg_flax.save or convert/torch_to_flax.py")
-    return json.loads(f.read_text())
+    try:
+        info = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{f} is not valid JSON ({err}); the checkpoint is damaged: re-create "
+                         "it with vgg_flax.save or convert/torch_to_flax.py") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{f} is not a JSON object; the checkpoint is damaged")
+    return info
+
+
+def is_model_name(path: str | os.PathLike) -> bool:
+    """``path`` is a VGG name with published weights (``vgg16``), not an existing directory."""
+    return (isinstance(path, str) and path in registry.list_models()
+            and not Path(path).exists())
+
+
+def name_of(path: str | os.PathLike) -> str:
+    """The VGG name of a checkpoint directory, or ``path`` itself when it is a model name."""
+    return path if is_model_name(path) else read_info(path)["name"]
 
 
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
-    """(module, variables) from a directory written by ``save``. ``overrides`` change fields
-    that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
+    """(module, variables) from a directory written by ``save``, or, given a model name such as
+    ``"vgg16"``, its published weights through ``vgg_flax.pretrained``. ``overrides`` change
+    fields that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
+    if is_model_name(path):
+        from vgg_flax.pretrained import pretrained
+        return pretrained(path, **overrides)
     path = Path(path).absolute()
     info = read_info(path)
-    module = registry.create(info["name"], **{**_from_json(info["overrides"]), **overrides})
+    module = registry.create(info["name"], **{**overrides_from_json(info["overrides"]), **overrides})
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(path / "variables")  # numpy leaves
     # The module must be able to use them: same tree, same shapes.

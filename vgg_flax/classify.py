@@ -48,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vgg_flax.classify",
                                 description="Top-5 ImageNet classes of image files.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--weights", required=True, help="checkpoint directory written by vgg_flax.save")
+    p.add_argument("--weights", required=True, help="checkpoint directory written by "
+                   "vgg_flax.save, or a model name (vgg16 ...) for its published weights "
+                   "(vgg_flax.pretrained: cached, or from the Hugging Face hub)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--protocol", default="single", choices=E.PROTOCOLS)
     p.add_argument("--scales", default=None,
@@ -66,15 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed += 1
     if loaded:
         from vgg_flax import registry
-        from vgg_flax.checkpoint import load, read_info
+        from vgg_flax.checkpoint import is_model_name, load, name_of, read_info
         try:
-            info = read_info(args.weights)
-            name = info["name"]
+            name = name_of(args.weights)
             module, variables = load(args.weights)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
             print(f"error: {e}", file=sys.stderr)
             return 2
         # a fine-tuned checkpoint carries its class names (train/export.py of a folder run)
+        info = {} if is_model_name(args.weights) else read_info(args.weights)
         categories = info.get("categories") or (
             registry.imagenet_categories() if module.num_classes == 1000 else None)
         results = classify([im for _, im in loaded], module, variables, name,

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from vgg_flax import perf
 from vgg_flax.model import VGG
 from vgg_flax.preprocess import preprocess, preprocessing, rescale, to_rgb
 
@@ -140,35 +141,61 @@ def padded_shape(shape: Sequence[int], stride: int = 32) -> tuple[int, ...]:
     return (-(-h // stride) * stride, -(-w // stride) * stride, *shape[2:])
 
 
+def _valid_mask(a: jax.Array, valid: jax.Array, h_pad: int) -> jax.Array:
+    """``a`` (B, h, w, C) times the valid region of its level: floor(valid / 2 ** level), as the
+    pools floor; ``h_pad`` is the padded input height."""
+    level = (h_pad // a.shape[1]).bit_length() - 1
+    vh, vw = valid[:, 0] >> level, valid[:, 1] >> level
+    m = ((jnp.arange(a.shape[1])[None, :, None] < vh[:, None, None])
+         & (jnp.arange(a.shape[2])[None, None, :] < vw[:, None, None]))
+    return a * m[..., None].astype(a.dtype)
+
+
+class MaskedDenseVGG(VGG):
+    """The dense network (fc6-fc8 as convolutions) on images zero-padded at the bottom/right,
+    with each image's true (H, W) in ``valid`` (B, 2). Returns the class score map.
+
+    Zero padding would change a plain forward pass (a padded pixel's conv output is ReLU(bias),
+    which then leaks into the image). Here the input of every convolution and of fc6 (the layer
+    that reads the map) is multiplied by the valid region of its level, so each convolution sees
+    exactly the zeros its own padding would add; max pools of non-negative (post-ReLU) maps
+    inside the valid region are unchanged. Same layers and parameter names as ``VGG``, so the
+    same variables; the convolution implementation is the ``conv`` field, as for ``VGG``.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+        perf.tune_host_malloc()
+        h_pad = x.shape[1]
+        plan = self.layers()
+        x = x.astype(self.dtype)
+        fused = False
+        for i, layer in enumerate(plan):
+            if fused:  # this ReLU ran inside the convolution before it
+                fused = False
+                continue
+            if layer.kind == "conv" or layer.reads_map:
+                x = _valid_mask(x, valid, h_pad)
+            fused = layer.kind == "conv" and i + 1 < len(plan) and plan[i + 1].kind == "relu"
+            x = self.apply_layer(layer, x, train=False, relu=fused)
+        return x
+
+
+def masked_dense_module(module: VGG) -> MaskedDenseVGG:
+    """``module``'s fields (its ``conv`` choice included) on ``MaskedDenseVGG``, dense."""
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(VGG)
+              if f.name not in ("parent", "name")}
+    return MaskedDenseVGG(**{**fields, "dense": True, "taps": ()})
+
+
 def _masked_dense(module: VGG, variables: Any, x: jax.Array, valid: jax.Array) -> jax.Array:
     """Dense logits (B, K) of images padded at the bottom/right to a multiple of the stride, each
-    equal to the logits of the unpadded image ``x[b, :valid[b, 0], :valid[b, 1]]``.
-
-    Zero padding would change a plain forward pass (a padded pixel's conv output is
-    ReLU(bias), which then leaks into the image). Here the input of every convolution (and of
-    fc6) is multiplied by the valid region of its level, floor(valid / 2 ** level) since the
-    pools floor, so each convolution sees exactly the zeros its own padding would add; max pools
-    of non-negative (post-ReLU) maps inside the valid region are unchanged. The class score map
-    is then averaged over its valid positions only. Exactness is tested against unpadded runs.
-    """
+    equal to the logits of the unpadded image ``x[b, :valid[b, 0], :valid[b, 1]]``: the masked
+    score map (``MaskedDenseVGG``) averaged over its valid positions only. Exactness is tested
+    against unpadded runs."""
     h_pad = x.shape[1]
     ph, pw = module.pool_size
-
-    def mask_at(a):
-        level = (h_pad // a.shape[1]).bit_length() - 1
-        vh, vw = valid[:, 0] >> level, valid[:, 1] >> level
-        m = ((jnp.arange(a.shape[1])[None, :, None] < vh[:, None, None])
-             & (jnp.arange(a.shape[2])[None, None, :] < vw[:, None, None]))
-        return a * m[..., None].astype(a.dtype)
-
-    def interceptor(next_fun, args, kwargs, context):
-        name = context.module.name or ""
-        if context.method_name == "__call__" and (name.startswith("conv") or name == "fc6"):
-            args = (mask_at(args[0]),) + tuple(args[1:])
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        score = module.clone(dense=True, taps=("fc8",)).apply(variables, x)["fc8"]
+    score = masked_dense_module(module).apply(variables, x, valid)
     level5 = (h_pad // (score.shape[1] + ph - 1)).bit_length() - 1
     sh, sw = (valid[:, 0] >> level5) - ph + 1, (valid[:, 1] >> level5) - pw + 1
     m = ((jnp.arange(score.shape[1])[None, :, None] < sh[:, None, None])

@@ -98,12 +98,6 @@ def adaptive_avg_pool(x: Array, out_hw: Sequence[int]) -> Array:
     return x
 
 
-def _window_positions() -> Array:
-    # row-major position (0..3) of each element of a 2x2 window, shaped for the 6-D view
-    return (lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) * 2
-            + lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 4))
-
-
 @jax.custom_jvp
 def _max_pool_2x2(x: Array) -> Array:
     # Two element-wise maxima (row pairs, then the column pair, which sits side by side in the
@@ -115,22 +109,48 @@ def _max_pool_2x2(x: Array) -> Array:
     return jnp.maximum(pairs[..., :c], pairs[..., c:])
 
 
+def _window_positions() -> Array:
+    # row-major position (0..3) of each element of a 2x2 window, shaped for the 6-D view
+    return (lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 2) * 2
+            + lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 4))
+
+
+def _first_max(x: Array) -> Array:
+    """Row-major position (0..3) of the first maximum of every 2x2 window (a NaN counts as the
+    maximum), int8 (n, h/2, w/2, c), as torch's max_pool2d picks it.
+
+    The window's elements are compared with each other, read by strided slices of ``x``: not
+    with the pooled output (XLA may recompute ``x`` behind a fused BatchNorm or bias in another
+    fusion, rounded differently, and an equality test then matches nothing), and not through a
+    reshape (XLA makes it a bitcast outside the fusion that computes ``x``'s cotangent, misses
+    that the bitcast is ``x``'s own buffer, and writes the cotangent over ``x`` in place while
+    it still reads ``x``'s other window elements: jaxlib 0.10.2, gradients wrong by up to 100%
+    behind a fused ReLU; tests/test_transforms.py).
+    """
+    a, b, c, d = x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+    def first(p, q):  # is p, which comes first, the (first) maximum of the pair?
+        return (p >= q) | jnp.isnan(p)
+
+    left_top, left_bottom = first(a, b), first(c, d)
+    upper = first(jnp.where(left_top, a, b), jnp.where(left_bottom, c, d))
+    i8 = lambda v: jnp.asarray(v, jnp.int8)  # noqa: E731
+    return jnp.where(upper, jnp.where(left_top, i8(0), i8(1)), jnp.where(left_bottom, i8(2), i8(3)))
+
+
 @_max_pool_2x2.defjvp
 def _max_pool_2x2_jvp(primals, tangents):
     # The derivative is the tangent of the first maximum of each window in row-major order, as
-    # torch's max_pool2d and XLA's select-and-scatter route the gradient (ties are common after
-    # a ReLU: all-zero windows). Written as a linear function of the tangent, so reverse mode
-    # transposes it (one select over the window view, no select-and-scatter) and forward mode,
-    # HVPs and jacfwd differentiate it as it stands.
+    # torch's max_pool2d routes the gradient (ties are common after a ReLU: all-zero windows).
+    # Written as a linear function of the tangent, so reverse mode transposes it (one select
+    # over the window view of the cotangent, no select-and-scatter) and forward mode, HVPs and
+    # jacfwd differentiate it as it stands.
     (x,), (dx,) = primals, tangents
-    y = _max_pool_2x2(x)
     n, h, w, c = x.shape
-    pos = _window_positions()
-    first = jnp.min(jnp.where(x.reshape(n, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None],
-                              pos, 4), axis=(2, 4), keepdims=True).astype(jnp.int8)
-    picked = jnp.where(pos == first, dx.reshape(n, h // 2, 2, w // 2, 2, c),
+    first = _first_max(x)[:, :, None, :, None, :]
+    picked = jnp.where(_window_positions() == first, dx.reshape(n, h // 2, 2, w // 2, 2, c),
                        jnp.zeros((), dx.dtype))
-    return y, picked.sum(axis=(2, 4))
+    return _max_pool_2x2(x), picked.sum(axis=(2, 4))
 
 
 def max_pool_2x2(x: Array, ceil_mode: bool = False) -> Array:
@@ -292,8 +312,8 @@ class VGG(nn.Module):
         for layer in self.layers():
             if layer.kind != "dropout":
                 names.append(layer.name)
-            if layer.name == "relu4_3" and self.l2norm:
-                names.append("conv4_3_norm")
+            if layer.name == arch.L2NORM_AFTER and self.l2norm:
+                names.append(arch.L2NORM_NAME)
         return names
 
     def min_input_size(self) -> int:
@@ -328,7 +348,7 @@ class VGG(nn.Module):
         if unknown:
             raise ValueError(f"unknown tap(s) {unknown}; this VGG has: {', '.join(valid)}")
         index = {layer.name: i for i, layer in enumerate(plan)}
-        index["conv4_3_norm"] = index.get("relu4_3", 0)
+        index[arch.L2NORM_NAME] = index.get(arch.L2NORM_AFTER, 0)
         return max(index[t] for t in self.taps)
 
     @nn.compact
@@ -348,19 +368,22 @@ class VGG(nn.Module):
                 # as it writes its result (one pass over the activations fewer on oneDNN).
                 fused = (layer.kind == "conv" and layer.name not in want and i < stop
                          and plan[i + 1].kind == "relu")
-                x = self._apply_layer(layer, x, train, relu=fused)
+                x = self.apply_layer(layer, x, train, relu=fused)
             if layer.name in want:
                 out[layer.name] = x
-            if layer.name == "relu4_3" and self.l2norm and (
-                    "conv4_3_norm" in want or self.is_initializing()):
-                out["conv4_3_norm"] = L2Norm(param_dtype=self.param_dtype, name="conv4_3_norm")(x)
+            if layer.name == arch.L2NORM_AFTER and self.l2norm and (
+                    arch.L2NORM_NAME in want or self.is_initializing()):
+                out[arch.L2NORM_NAME] = L2Norm(param_dtype=self.param_dtype,
+                                               name=arch.L2NORM_NAME)(x)
         if self.taps:
             return {t: out[t] for t in self.taps}
         if self.dense and self.include_top and self.head == "fc":
             return x.mean(axis=(1, 2))  # average the class score map (paper section 3.2)
         return x
 
-    def _apply_layer(self, layer: arch.Layer, x: Array, train: bool, relu: bool = False) -> Array:
+    def apply_layer(self, layer: arch.Layer, x: Array, train: bool, relu: bool = False) -> Array:
+        """One layer of ``layers()`` on ``x`` (its parameters named ``layer.name``); ``relu``
+        fuses the ReLU that follows a convolution. Call inside a compact method."""
         kind = layer.kind
         if kind == "conv":
             if self.conv not in onednn.IMPLS:

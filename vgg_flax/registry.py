@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import json
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 from vgg_flax import arch
 from vgg_flax.model import VGG
@@ -97,23 +97,73 @@ def metadata(name: str) -> dict[str, Any]:
     return meta
 
 
-def _named(name: str, doc: str) -> type[VGG]:
-    """A ``VGG`` subclass whose field defaults are variant ``name`` (so ``VGG16(num_classes=10)``)."""
-    fields = _variant(name).module_fields()
-    annotations = {k: VGG.__annotations__[k] for k in fields}
-    cls = type(name.upper(), (VGG,), {"__annotations__": annotations, **fields,
-                                      "__doc__": doc, "__module__": "vgg_flax"})
-    return cls
+# The named classes: ``VGG`` with a variant's fields as defaults, so ``VGG16(num_classes=10)``
+# works like ``create("vgg16", num_classes=10)``. tests/test_model.py checks that each class's
+# defaults equal ``arch.VARIANTS[name].module_fields()``.
+class VGG11(VGG):
+    """VGG-11, the paper's configuration A (torchvision ``vgg11``)."""
+    cfg: Sequence[Any] = arch.CFGS["A"]
 
 
-VGG11 = _named("vgg11", "VGG-11, the paper's configuration A (torchvision ``vgg11``).")
-VGG11_BN = _named("vgg11_bn", "VGG-11 with BatchNorm (torchvision ``vgg11_bn``).")
-VGG13 = _named("vgg13", "VGG-13, configuration B (torchvision ``vgg13``).")
-VGG13_BN = _named("vgg13_bn", "VGG-13 with BatchNorm (torchvision ``vgg13_bn``).")
-VGG16 = _named("vgg16", "VGG-16, configuration D (torchvision ``vgg16``).")
-VGG16_BN = _named("vgg16_bn", "VGG-16 with BatchNorm (torchvision ``vgg16_bn``).")
-VGG19 = _named("vgg19", "VGG-19, configuration E (torchvision ``vgg19``).")
-VGG19_BN = _named("vgg19_bn", "VGG-19 with BatchNorm (torchvision ``vgg19_bn``).")
-VGG11_LRN = _named("vgg11_lrn", "VGG-11 with LRN after relu1_1, the paper's A-LRN.")
-VGG16_C = _named("vgg16_c", "VGG-16 with 1x1 convolutions, the paper's configuration C.")
-VGG16_SSD = _named("vgg16_ssd", "SSD300's atrous VGG-16 backbone (conv4_3 L2Norm, conv6, conv7).")
+class VGG11_BN(VGG):
+    """VGG-11 with BatchNorm (torchvision ``vgg11_bn``)."""
+    cfg: Sequence[Any] = arch.CFGS["A"]
+    batch_norm: bool = True
+
+
+class VGG13(VGG):
+    """VGG-13, configuration B (torchvision ``vgg13``)."""
+    cfg: Sequence[Any] = arch.CFGS["B"]
+
+
+class VGG13_BN(VGG):
+    """VGG-13 with BatchNorm (torchvision ``vgg13_bn``)."""
+    cfg: Sequence[Any] = arch.CFGS["B"]
+    batch_norm: bool = True
+
+
+class VGG16(VGG):
+    """VGG-16, configuration D (torchvision ``vgg16``)."""
+    cfg: Sequence[Any] = arch.CFGS["D"]
+
+
+class VGG16_BN(VGG):
+    """VGG-16 with BatchNorm (torchvision ``vgg16_bn``)."""
+    cfg: Sequence[Any] = arch.CFGS["D"]
+    batch_norm: bool = True
+
+
+class VGG19(VGG):
+    """VGG-19, configuration E (torchvision ``vgg19``)."""
+    cfg: Sequence[Any] = arch.CFGS["E"]
+
+
+class VGG19_BN(VGG):
+    """VGG-19 with BatchNorm (torchvision ``vgg19_bn``)."""
+    cfg: Sequence[Any] = arch.CFGS["E"]
+    batch_norm: bool = True
+
+
+class VGG11_LRN(VGG):
+    """VGG-11 with LRN after relu1_1, the paper's A-LRN."""
+    cfg: Sequence[Any] = arch.CFGS["A-LRN"]
+
+
+class VGG16_C(VGG):
+    """VGG-16 with 1x1 convolutions, the paper's configuration C."""
+    cfg: Sequence[Any] = arch.CFGS["C"]
+
+
+class VGG16_SSD(VGG):
+    """SSD300's atrous VGG-16 backbone (conv4_3 L2Norm, conv6, conv7)."""
+    cfg: Sequence[Any] = arch.CFGS["D-SSD"]
+    head: str = "ssd"
+    hidden_size: int = 1024
+    l2norm: bool = True
+
+
+NAMED_CLASSES: dict[str, type[VGG]] = {
+    "vgg11": VGG11, "vgg11_bn": VGG11_BN, "vgg13": VGG13, "vgg13_bn": VGG13_BN,
+    "vgg16": VGG16, "vgg16_bn": VGG16_BN, "vgg19": VGG19, "vgg19_bn": VGG19_BN,
+    "vgg11_lrn": VGG11_LRN, "vgg16_c": VGG16_C, "vgg16_ssd": VGG16_SSD,
+}

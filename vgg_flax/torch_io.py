@@ -85,7 +85,7 @@ def _torch_to_numpy(t) -> np.ndarray:
 _libc = None
 
 
-def _madvise_dontneed(addr: int, nbytes: int) -> None:
+def release_pages(addr: int, nbytes: int) -> None:
     """MADV_DONTNEED on a clean file mapping: the pages leave RSS and are re-read on access.
 
     Only for memory-mapped file data: on ordinary (anonymous) memory it would zero the pages.
@@ -112,12 +112,12 @@ def _torch_tensor(t, mmapped: bool) -> Tensor:
         part = t[sl]
         out = np.array(_torch_to_numpy(part), copy=True)
         if mmapped and part.is_contiguous():
-            _madvise_dontneed(part.data_ptr(), part.numel() * part.element_size())
+            release_pages(part.data_ptr(), part.numel() * part.element_size())
         return out
 
     def release() -> None:
         if mmapped and t.is_contiguous():
-            _madvise_dontneed(t.data_ptr(), t.numel() * t.element_size())
+            release_pages(t.data_ptr(), t.numel() * t.element_size())
 
     dtype = _bf16() if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).removeprefix("torch."))
     return Tensor(t.shape, dtype, rows, lambda: t, release, mmapped)
@@ -142,19 +142,25 @@ def _torch_load(path: Path) -> Any:
         if "GLOBAL" in text or "global" in text or what:
             raise WeightFileError(f"{path} pickles code or objects ({what or 'not just tensors'}), "
                                   f"not only weights: {_REFUSED_HINT}") from None
-        raise WeightFileError(f"{path} is not a readable torch file ({_short(err)}); "
+        raise WeightFileError(f"{path} is not a readable torch file ({short_error(err)}); "
                               "pass a state_dict saved with torch.save or a .safetensors file") from None
+    # What torch's readers raise on damaged bytes, found by truncating and corrupting saved
+    # files (zip and legacy): RuntimeError (zip reader), OSError (mmap of a short file),
+    # EOFError/struct.error/IndexError (legacy pickle cut short), ValueError (bad UTF-8 names),
+    # KeyError/AssertionError (legacy storage keys that do not match). Only ``torch.load`` is
+    # inside this try, so these are about the file; TypeError/AttributeError are not caught and
+    # surface as bugs.
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error,
-            AttributeError, TypeError, KeyError, IndexError) as err:
+            IndexError, KeyError, AssertionError) as err:
         if "zip" in str(err).lower() or isinstance(err, (EOFError, zipfile.BadZipFile)):
             problem = "is truncated or corrupt"
         else:
             problem = "is not a readable torch weights file"
-        raise WeightFileError(f"{path} {problem} ({_short(err)}); re-download or re-save it "
+        raise WeightFileError(f"{path} {problem} ({short_error(err)}); re-download or re-save it "
                               "(torch.save(model.state_dict(), path))") from None
 
 
-def _short(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) < 140 else text[:137] + "..."
 
@@ -190,12 +196,12 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
 
 
 # -- .safetensors --------------------------------------------------------------------------------
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
               "BOOL": "bool"}
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
     return _bf16() if name == "bfloat16" else np.dtype(name)
 
 
@@ -213,19 +219,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str],
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise WeightFileError(f"{path} has a corrupt safetensors header ({_short(err)})") from None
+            raise WeightFileError(f"{path} has a corrupt safetensors header ({short_error(err)})") from None
     if not isinstance(header, dict):
         raise WeightFileError(f"{path} has a corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     data_start, data_size = 8 + n, size - 8 - n
     for key, e in header.items():
         try:
-            dtype = _np_dtype(_ST_DTYPES[e["dtype"]])
+            dtype = np_dtype(ST_DTYPES[e["dtype"]])
             begin, end = (int(x) for x in e["data_offsets"])
             count = int(np.prod(e["shape"], dtype=np.int64))
         except (KeyError, TypeError, ValueError) as err:
             raise WeightFileError(f"{path}: tensor {key!r} has an unsupported or corrupt entry "
-                                  f"({_short(err)})") from None
+                                  f"({short_error(err)})") from None
         if not 0 <= begin <= end or end - begin != count * dtype.itemsize:
             raise WeightFileError(f"{path}: tensor {key!r} has inconsistent offsets; the file is corrupt")
         if end > data_size:
@@ -234,12 +240,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str],
     return header, meta, data_start
 
 
-def _safetensors_tensors(path: Path) -> dict[str, Tensor]:
+def safetensors_tensors(path: Path) -> dict[str, Tensor]:
     header, _, data_start = read_safetensors_header(path)
     out: dict[str, Tensor] = {}
     for key, e in header.items():
         out[key] = _pread_tensor(path, data_start + e["data_offsets"][0], tuple(e["shape"]),
-                                 _np_dtype(_ST_DTYPES[e["dtype"]]))
+                                 np_dtype(ST_DTYPES[e["dtype"]]))
     return out
 
 
@@ -322,7 +328,7 @@ def open_weights(path: str | os.PathLike) -> WeightFile:
     looks_safetensors = (p.suffix == ".safetensors" or
                          (len(magic) == 9 and magic[8:9] == b"{" and not magic.startswith(b"PK")))
     if looks_safetensors:
-        return WeightFile(p, _safetensors_tensors(p), "safetensors")
+        return WeightFile(p, safetensors_tensors(p), "safetensors")
     obj, mmapped = _torch_load(p)
     sd = _unwrap(obj, p)
     return WeightFile(p, {k: _torch_tensor(v, mmapped) for k, v in sd.items()}, "pth")

@@ -41,7 +41,7 @@ def _layer_entries(layer: arch.Layer, prefix: str) -> list[Entry]:
                 Entry(f"{prefix}.running_var", "batch_stats", (layer.name, "var"), "vector")]
     if layer.kind == "fc":
         return [Entry(f"{prefix}.weight", "params", (layer.name, "kernel"),
-                      "fc6" if layer.name == "fc6" else "linear"),
+                      "fc6" if layer.reads_map else "linear"),
                 Entry(f"{prefix}.bias", "params", (layer.name, "bias"), "vector")]
     return []
 
@@ -57,7 +57,7 @@ def torch_entries(module: VGG) -> list[Entry]:
     entries: list[Entry] = []
     if module.head == "ssd":
         if module.l2norm:
-            entries.append(Entry("scale_weight", "params", ("conv4_3_norm", "scale"), "vector"))
+            entries.append(Entry("scale_weight", "params", (arch.L2NORM_NAME, "scale"), "vector"))
         pool4 = next(layer.torch_index for layer in feats if layer.name == "pool4")
         for layer in feats:
             i = layer.torch_index
@@ -167,16 +167,8 @@ def from_torch(state_dict: Mapping[str, Any], name: str | VGG, *, dtype: Any = N
     Arrays keep their dtype unless ``dtype`` is given. ``num_batches_tracked`` is dropped.
     """
     module = _module(name, overrides)
-    label = name if isinstance(name, str) else "the given module"
-    expected = expected_torch_shapes(module, in_channels_of(state_dict, module))
+    check_fit(state_dict, module, name if isinstance(name, str) else "the given module")
     given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    wrong = [f"{k}: got {_shape(given[k])}, expected {s}" for k, s in expected.items()
-             if k in given and _shape(given[k]) != s]
-    if missing or unexpected or wrong:
-        raise WeightMismatchError(mismatch_message(label, state_dict, module, missing,
-                                                    unexpected, wrong))
     variables: dict[str, Any] = {}
     for e in torch_entries(module):
         w = torch_to_flax_array(e, _to_numpy(given[e.torch_key]), module)
@@ -185,6 +177,29 @@ def from_torch(state_dict: Mapping[str, Any], name: str | VGG, *, dtype: Any = N
         variables.setdefault(e.collection, {}).setdefault(e.path[0], {})[e.path[1]] = \
             np.ascontiguousarray(w)
     return variables
+
+
+def fit_problems(state_dict: Mapping[str, Any], module: VGG
+                 ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrongly shaped) keys of ``state_dict`` for ``module``; values need
+    only a ``shape`` (tensors, arrays, or lazily read file entries). ``num_batches_tracked`` is
+    ignored."""
+    expected = expected_torch_shapes(module, in_channels_of(state_dict, module))
+    given = {k: _shape(v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k}: got {given[k]}, expected {s}" for k, s in expected.items()
+             if k in given and given[k] != s]
+    return missing, unexpected, wrong
+
+
+def check_fit(state_dict: Mapping[str, Any], module: VGG, label: str) -> None:
+    """Raise ``WeightMismatchError`` listing every missing, unexpected and wrongly shaped key at
+    once (and the variant the weights look like) unless ``state_dict`` fits ``module`` exactly."""
+    missing, unexpected, wrong = fit_problems(state_dict, module)
+    if missing or unexpected or wrong:
+        raise WeightMismatchError(mismatch_message(label, state_dict, module, missing,
+                                                   unexpected, wrong))
 
 
 def mismatch_message(label, state_dict, module, missing, unexpected, wrong) -> str:

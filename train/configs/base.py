@@ -36,6 +36,10 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every_steps = 500
     c.log_every_steps = 50
     c.seed = 0
+    # Resuming DIR under a config whose meaning differs from DIR/train_config.json (model, data,
+    # batch, optimizer, schedule, seed...) is refused unless this is True; cadence keys
+    # (total_steps, *_every_steps, keep_checkpoints) and placement (mesh, threads) may change.
+    c.allow_config_change = False
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps=1e-8,

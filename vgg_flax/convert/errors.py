@@ -1,0 +1,5 @@
+"""The converter's one error type."""
+
+
+class ConversionError(ValueError):
+    """Bad input to a conversion (exit code 2); the message is one line with the fix."""

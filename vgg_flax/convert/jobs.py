@@ -1,0 +1,221 @@
+"""The two whole jobs: torch weights -> a verified Flax file, and back."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from vgg_flax import torch_io, weights
+from vgg_flax.convert import atomic, formats, verify as V
+from vgg_flax.convert.errors import ConversionError
+from vgg_flax.convert.mapping import Prepared, map_to_flax, prepare
+from vgg_flax.convert.memory import mb, peak_rss_bytes, release_memory
+from vgg_flax.convert.sources import check_name
+
+
+@dataclasses.dataclass
+class Summary:
+    name: str
+    num_params: int
+    source: str
+    source_bytes: int
+    out: Path
+    fmt: str
+    out_bytes: int
+    seconds: float
+    peak_rss: int
+    verification: V.Verification | None
+    notes: list[str]
+
+    def lines(self) -> list[str]:
+        lines = []
+        if self.verification is not None:
+            lines.append(self.verification.line())
+        lines.append(f"{self.name}: {self.num_params:,} parameters, {self.source} "
+                     f"({mb(self.source_bytes)}) -> {self.out} ({self.fmt}, {mb(self.out_bytes)}) "
+                     f"in {self.seconds:.1f} s, peak RSS {mb(self.peak_rss)}")
+        return lines
+
+
+def _num_params(variables) -> int:
+    return int(sum(a.size for _, a in formats.flatten(variables.get("params", {}))))
+
+
+def _reference_tensors(prep: Prepared) -> V.TorchWeights:
+    """The library-layout tensors as torch tensors, rounded to the output dtype and widened to
+    float32 (torch's reference runs in fp32); mmapped, so no copy for float32 files."""
+    import torch
+    out = V.TorchWeights()
+    for k, v in prep.tensors.items():
+        t = v.torch()
+        if prep.dtype.name != "float32":
+            t = t.to(getattr(torch, prep.dtype.name))
+        out[k] = t.float() if t.dtype != torch.float32 else t
+        if v.mmapped and out[k] is t and v.torch() is t:
+            out.file_backed.append(k)
+    return out
+
+
+def _written(path: Path, what: str):
+    """OSError while writing (disk full, permissions changed meanwhile): one line."""
+    return ConversionError(f"cannot write {path} ({what}); free space or pick another --out")
+
+
+def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
+                  out: str | os.PathLike | None = None, *, fmt: str | None = None,
+                  verify_outputs: bool = True, images: Sequence[str | os.PathLike] = (),
+                  force: bool = False, rtol: float = 1e-4, verify_batch: int = 4,
+                  progress: bool = True, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                  **prepare_kwargs) -> Summary:
+    """Convert torch weights for VGG ``name`` and write them to ``out`` (orbax, safetensors or
+    msgpack), atomically, verified against torchvision's model.
+
+    Raises ConversionError on bad input (nothing written). When verification is over
+    tolerance the output is not written and the returned Summary's ``verification.ok`` is False.
+    """
+    start = time.perf_counter()
+    out_path = Path(out) if out is not None else None
+    fmt = formats.format_for(out_path, fmt)
+    out_path = out_path or formats.default_out(name, fmt)
+    atomic.check_out(out_path, force)
+    check_name(name)
+    prep = prepare(name, weights, progress=progress, **prepare_kwargs)
+    for n in prep.notes:
+        log(f"note: {n}")
+    in_channels = prep.tensors["features.0.weight"].shape[1]
+    # Inputs (and --image files) are read before any work, so a bad image fails fast.
+    x = V.verification_inputs(name, prep.module, in_channels, images, verify_batch) \
+        if verify_outputs else None
+    variables = map_to_flax(prep.tensors, prep.module, prep.dtype, progress)
+    num_params = _num_params(variables)
+    tmp = atomic.tmp_sibling(out_path, "tmp")
+    extra = {"converted_from": {"source": prep.source.label, "notes": prep.notes}}
+    result = None
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.interrupt_after():
+            formats.write_flax(tmp, variables, name, prep.module, fmt, extra)
+        release_memory()
+        if verify_outputs:
+            # The Flax side on the converted arrays in place (no second copy), then the torch
+            # side once they are freed; the file is then checked against their digests.
+            flax_out = V.flax_outputs(prep.module, variables, x, V.output_names(prep.module))
+            written = formats.digests(variables) if fmt != "orbax" else formats.shapes(variables)
+        del variables
+        gc.collect()  # jax's aliases of the arrays sit in reference cycles
+        release_memory()
+        if verify_outputs:
+            result = V.verify(name, prep.module, lambda: _reference_tensors(prep), None,
+                              in_channels=in_channels, rtol=rtol, x=x, flax_out=flax_out)
+            formats.check_written(tmp, fmt, name, prep.fields, written)
+            result.readback = fmt != "orbax"
+        atomic.settle(tmp, out_path, force, result)
+    except OSError as err:
+        atomic.remove(tmp)
+        raise _written(out_path, torch_io.short_error(err)) from None
+    except BaseException:
+        atomic.remove(tmp)
+        raise
+    return Summary(name, num_params, prep.source.label, prep.file.size, out_path, fmt,
+                   atomic.path_size(out_path) if out_path.exists() else 0,
+                   time.perf_counter() - start, peak_rss_bytes(), result, prep.notes)
+
+
+def _torch_side(path: Path) -> Callable[[], V.TorchWeights]:
+    """The torch state_dict written at ``path``, memory-mapped, as verification's torch side."""
+    def load() -> V.TorchWeights:
+        out = V.TorchWeights()
+        for k, t in torch_io.open_weights(path).items():
+            if k.endswith("num_batches_tracked"):
+                continue
+            raw = t.torch()
+            out[k] = raw.float()
+            if t.mmapped and out[k] is raw:
+                out.file_backed.append(k)
+        return out
+    return load
+
+
+def _np_to_torch(a: np.ndarray):
+    import torch
+    if not a.flags.writeable:  # e.g. views into a msgpack buffer; torch wants its own memory
+        a = a.copy()
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                  verify_outputs: bool = True, name: str | None = None,
+                  overrides: Mapping[str, Any] | None = None, rtol: float = 1e-4,
+                  images: Sequence[str | os.PathLike] = (), verify_batch: int = 4) -> Summary:
+    """A vgg_flax checkpoint (orbax dir, or our .safetensors / a flax .msgpack with ``name``) ->
+    a torch state_dict file (.pth or .safetensors) that torchvision's ``<name>()`` loads with
+    ``strict=True`` (SSD: ``SSDFeatureExtractorVGG``'s keys without extra.1-4)."""
+    start = time.perf_counter()
+    src, out_path = Path(src), Path(out)
+    if out_path.suffix not in (".pth", ".pt", ".safetensors"):
+        raise ConversionError(f"--out {out_path}: use a .pth, .pt or .safetensors file name")
+    atomic.check_out(out_path, force)
+    if name is not None:
+        check_name(name)
+    name, module, variables = formats.read_flax(src, name, overrides)
+    src_bytes = atomic.path_size(src)
+    num_params = _num_params(variables)
+    lacks = (f"{src} lacks {{}} needed by {name}; was it written for another VGG variant?")
+    try:
+        in_channels = np.asarray(variables["params"]["conv1_1"]["kernel"]).shape[2]
+    except (KeyError, TypeError) as err:  # no such leaf, or not a mapping where one belongs
+        raise ConversionError(lacks.format(err)) from None
+    x = V.verification_inputs(name, module, in_channels, images, verify_batch) \
+        if verify_outputs else None
+    # The Flax side first, on the arrays as read (moved to the device leaf by leaf, no second
+    # copy), so the checkpoint is read once; the torch side later runs on the written file.
+    flax_out = V.flax_outputs(module, variables, x, V.output_names(module)) \
+        if verify_outputs else None
+    # Convert leaf by leaf, dropping each Flax array once its torch copy exists.
+    sd: OrderedDict[str, np.ndarray] = OrderedDict()
+    try:
+        for key, a in weights.iter_torch_arrays(variables, module, consume=True):
+            if not key.endswith("num_batches_tracked") and \
+                    a.dtype.name not in ("float32", "float16", "bfloat16", "float64"):
+                raise ConversionError(f"{src}: {key} is {a.dtype}")
+            sd[key] = a
+            del a
+    except KeyError as err:
+        raise ConversionError(lacks.format(err)) from None
+    del variables
+    tmp = atomic.tmp_sibling(out_path, "tmp")
+    result = None
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if out_path.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+            save_file(dict(sd), tmp)
+        else:
+            import torch
+            torch.save(OrderedDict((k, _np_to_torch(v)) for k, v in sd.items()), tmp)
+        del sd
+        gc.collect()
+        release_memory()
+        if verify_outputs:
+            result = V.verify(name, module, _torch_side(tmp), None, in_channels=in_channels,
+                              rtol=rtol, x=x, flax_out=flax_out)
+        atomic.settle(tmp, out_path, force, result)
+    except OSError as err:
+        atomic.remove(tmp)
+        raise _written(out_path, torch_io.short_error(err)) from None
+    except BaseException:
+        atomic.remove(tmp)
+        raise
+    return Summary(name, num_params, str(src), src_bytes, out_path,
+                   "safetensors" if out_path.suffix == ".safetensors" else "pth",
+                   out_path.stat().st_size if out_path.exists() else 0,
+                   time.perf_counter() - start, peak_rss_bytes(), result, [])
