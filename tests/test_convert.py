@@ -653,21 +653,6 @@ def converted(tmp, small) -> Path:
     return out
 
 
-def _timm_file(tmp) -> Path:
-    """A state_dict with timm's VGG keys: features.*, pre_logits.fc1/fc2 (convolutions), head.fc."""
-    f = tmp / "timm_layout.pth"
-    if not f.exists():
-        sd = {k: v for k, v in _shape_only(_tv_shapes("vgg11")).items() if k.startswith("features.")}
-        sd.update({"pre_logits.fc1.weight": torch.zeros(()).expand(4096, 512, 7, 7),
-                   "pre_logits.fc1.bias": torch.zeros(4096),
-                   "pre_logits.fc2.weight": torch.zeros(()).expand(4096, 4096, 1, 1),
-                   "pre_logits.fc2.bias": torch.zeros(4096),
-                   "head.fc.weight": torch.zeros(()).expand(1000, 4096),
-                   "head.fc.bias": torch.zeros(1000)})
-        torch.save(sd, f)
-    return f
-
-
 def _damaged(converted, tmp, tag, damage) -> Path:
     import shutil
     d = tmp / f"damaged_{tag}"
@@ -696,8 +681,6 @@ T2F_BAD = [  # (tag, arguments after the name, words the one line must hold)
      ["--num-classes -5", "at least 1"]),
     ("zero_classes", lambda t, s: ["--weights", s, "--num-classes", "0", "--out", t / "o"],
      ["--num-classes 0"]),
-    ("timm_layout", lambda t, s: ["--weights", _timm_file(t.parent), "--out", t / "o"],
-     ["this is timm's layout", "pre_logits"]),
 ]
 
 

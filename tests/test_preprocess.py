@@ -162,3 +162,37 @@ def test_load_image_applies_exif_orientation(tmp_path):
     assert load_image(tmp_path / "rot.jpg").size == (301, 517)
     assert load_image(tmp_path / "rot.jpg", exif_transpose=False).size == (517, 301)
     assert to_rgb(GENERATED["gray_L_190x333"]).mode == "RGB"
+
+
+def test_normalize_lookup_is_normalize_on_device():
+    """The trainer's on-device normalisation is bit-equal to preprocess's (XLA's x * (1/255)
+    would not be), for three channels and one."""
+    import jax
+    import jax.numpy as jnp
+    from vgg_flax.preprocess import normalize, normalize_lookup
+    rng = np.random.default_rng(2)
+    for mean, std, c in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3), ((0.3,), (0.4,), 1)]:
+        x = rng.integers(0, 256, (4, 9, 7, c), dtype=np.uint8)
+        got = np.asarray(jax.jit(lambda a: normalize_lookup(a, mean, std, xp=jnp))(x))
+        assert_bit_equal(got, normalize(x, mean, std))
+        assert_bit_equal(normalize_lookup(x, mean, std), normalize(x, mean, std))
+
+
+def test_verification_input(photos):
+    """What the converter verifies on: preprocess() for classifiers, SSD300's fixed square
+    (torchvision Resize((300, 300)) + the features weights' normalisation), grayscale at 0..1."""
+    from vgg_flax.preprocess import verification_input
+    im = photos[0]
+    assert_bit_equal(verification_input(im, "vgg16"), preprocess(im, "vgg16"))
+    t = WEIGHTS["vgg16_ssd"].transforms()
+    ssd = torchvision.transforms.Compose([
+        torchvision.transforms.Resize((300, 300)), torchvision.transforms.PILToTensor(),
+        torchvision.transforms.ConvertImageDtype(torch.float32),
+        torchvision.transforms.Normalize(t.mean, t.std)])
+    assert_bit_equal(verification_input(im, "vgg16_ssd"), ssd(im).permute(1, 2, 0).numpy())
+    gray = verification_input(im, "vgg16", channels=1)
+    ref = torchvision.transforms.Compose([
+        torchvision.transforms.Grayscale(), torchvision.transforms.Resize(256),
+        torchvision.transforms.CenterCrop(224), torchvision.transforms.PILToTensor(),
+        torchvision.transforms.ConvertImageDtype(torch.float32)])(im)
+    assert_bit_equal(gray, ref.permute(1, 2, 0).numpy())

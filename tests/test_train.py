@@ -205,6 +205,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
         trainer.train_and_evaluate(c, tmp_path)
     bad = int(str(e.value).split("not finite at step ")[1].split(":")[0])
     assert "\n" not in str(e.value) and f"the last good checkpoint is step {bad - 1}" in str(e.value)
+    reported = str(e.value).split(" not finite")[0].split(", ")  # e.g. "loss nan", "gradient norm inf"
+    assert reported and all(not math.isfinite(float(r.rsplit(" ", 1)[1])) for r in reported)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] == bad - 1
     _, _, v, _ = trainer.restore_variables(tmp_path)

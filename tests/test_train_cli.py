@@ -1,4 +1,4 @@
-"""train/train.py and train/export.py as processes: exact resume after SIGKILL, SIGTERM, a
+"""train/train.py and train/export.py as processes: exact resume after SIGKILL, SIGTERM, Ctrl-C, a
 2-process localhost run (gloo) against a 1-process run, bad configuration, export.
 Budget: ~2.5 min on 2 shared cores (compiled programs are shared through a persistent cache)."""
 import os
@@ -111,6 +111,22 @@ def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path, uninterrupted):
     p = run(train_cmd(tmp_path, *RESUME), env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert_same(uninterrupted[0], final_params(tmp_path)[0])
+
+
+def test_ctrl_c_checkpoints_and_exits_130(env, tmp_path):
+    """SIGINT (Ctrl-C) saves like SIGTERM, then one line and exit 130, no traceback."""
+    proc = subprocess.Popen(train_cmd(tmp_path, *RESUME), env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(proc, tmp_path / "checkpoints")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = next(l for l in out.splitlines() if l.startswith("stopped by SIGINT (Ctrl-C) at step"))
+    stopped = int(line.split("at step ")[1].split(";")[0])
+    assert 0 < stopped < 40 and "rerun the same command to resume" in line
+    assert (tmp_path / "checkpoints" / str(stopped) / "_CHECKPOINT_METADATA").exists()
+    assert final_params(tmp_path)[1] == stopped
 
 
 def _free_port():

@@ -1,6 +1,7 @@
 """Evaluate a vgg_flax checkpoint with one of the paper's test protocols.
 
     python train/eval.py --weights ckpt/vgg16 --dataset imagenet2012 --protocol multiscale
+    python train/eval.py --weights runs/mine_export --dataset folder --data-dir photos  # ROOT/val
 
 prints top-1 / top-5 error in the form of the paper's Tables 3-5. Protocols (see
 ``vgg_flax.evaluate``): single (torchvision's center crop), dense, multiscale, multicrop,
@@ -17,7 +18,7 @@ import argparse
 import numpy as np
 
 from vgg_flax import evaluate as E
-from vgg_flax.checkpoint import load, read_info
+from vgg_flax.checkpoint import is_model_name, load, read_info
 from vgg_flax.preprocess import preprocessing
 
 
@@ -25,12 +26,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     from vgg_flax.cli import ArgumentParser, positive_int, positive_ints as _ints
     p = ArgumentParser(prog="train/eval.py", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="checkpoint directory written by vgg_flax.save")
+    p.add_argument("--weights", required=True, help="checkpoint directory written by "
+                   "vgg_flax.save, or a model name (vgg16 ...) for its published weights")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="TFDS name, e.g. imagenet2012 (prepared in --data-dir)")
+    src.add_argument("--dataset", help="TFDS name, e.g. imagenet2012 (prepared in --data-dir), "
+                     "or 'folder': your images in --data-dir/<split>/<class>/<image>")
     src.add_argument("--synthetic", metavar="HxW", help="random HxW images, to time a protocol")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
+    p.add_argument("--split", default=None, help="default: 'validation' (TFDS), 'val' (folder)")
+    p.add_argument("--train-split", default="train",
+                   help="folder: the split whose class folders define the class indices")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory, or the folder ROOT")
     p.add_argument("--protocol", default="single", choices=E.PROTOCOLS)
     p.add_argument("--train-scale", type=_ints, default=None,
                    help="training scale S, or S_min,S_max if scale-jittered (default: the "
@@ -48,17 +53,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_dataset(name: str, split: str, data_dir: str | None):
-    import tensorflow_datasets as tfds
+def open_dataset(name: str, split: str, data_dir: str | None, train_split: str = "train"):
+    """The random-access source the trainer reads (``train.input_pipeline``), never downloading.
+    A folder's undecodable file ends the evaluation with its path (no silent substitute)."""
+    import ml_collections
+
+    from train import folder, input_pipeline
+    config = ml_collections.ConfigDict(dict(
+        dataset=name, data_dir=data_dir, manual_dir=None, download=False,
+        train_split=train_split, input=dict(draft=False)))
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 - TFDS raises many types; all mean "not available"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if name == "folder":
+            return _Strict(folder.sources(config, split, substitute=False))
+        return input_pipeline.get_source(config, split)
+    except input_pipeline.DataError as e:
+        if name == "folder":
+            raise SystemExit(f"error: {e}") from None
+        first = str(e).split("; ")[0]
         raise SystemExit(
             f"error: cannot open TFDS dataset {name!r} split {split!r} ({first}); this machine "
             f"cannot download it: prepare it where there is network (`tfds build {name}`, "
             "ImageNet needs its manual download in ~/tensorflow_datasets/downloads/manual) "
             "and pass --data-dir") from None
+
+
+class _Strict:
+    """A folder source whose undecodable files raise (evaluation must not count a stand-in)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        ex = self.source[i]
+        if not ex["ok"]:
+            path = self.source.samples[i][0]
+            raise ValueError(f"{path}: cannot decode image ({self.source.skipped.paths[path]}); "
+                             "remove or replace the file")
+        return ex
 
 
 class SyntheticSource:
@@ -99,16 +133,17 @@ def test_scales_for(args, name: str) -> tuple[tuple[int, ...] | None, str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        info = read_info(args.weights)
+        info = {"name": args.weights} if is_model_name(args.weights) else read_info(args.weights)
         module, variables = load(args.weights)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
         raise SystemExit(f"error: {e}") from None
     name = info["name"]
     scales, train_label = test_scales_for(args, name)
     if args.synthetic:
         source = SyntheticSource(args.synthetic, args.limit or 64)
     else:
-        source = open_dataset(args.dataset, args.split, args.data_dir)
+        args.split = args.split or ("val" if args.dataset == "folder" else "validation")
+        source = open_dataset(args.dataset, args.split, args.data_dir, args.train_split)
     try:
         result = E.evaluate_source(
             source, module, variables, args.protocol, name, scales=scales,

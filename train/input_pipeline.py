@@ -1,9 +1,10 @@
 """Input: TFDS data sources read with grain (no TensorFlow at training time), split per process.
 
-Every dataset is a random-access source of ``{"image": uint8 HWC, "label": int}``:
+Every dataset is a random-access source of ``{"image": uint8 HWC or PIL image, "label": int}``:
 ``tfds.data_source(name)`` for any TFDS image-classification dataset (prepared as array_record),
-or an in-memory source registered in ``IN_MEMORY`` (``digits``: scikit-learn's handwritten digits).
-Both flow through the same grain graph:
+or a local source registered in ``IN_MEMORY`` (``digits``: scikit-learn's handwritten digits;
+``folder``: your own images in torchvision's ImageFolder layout, see ``train/folder.py``).
+All flow through the same grain graph:
 
     source -> global shuffle (seed, reshuffled every epoch) -> repeat -> random augmentation
     (per-example RNG from the seed and the example's global position) -> this process's rows of
@@ -11,11 +12,14 @@ Both flow through the same grain graph:
 
 The global order is a function of the seed alone, so 1 process x 4 devices and 2 processes x 2
 devices see the same global batches, and a resumed run reads what the uninterrupted one would.
-Images stay uint8 until they are on the device (4x less to transfer); normalisation is on device.
+Images stay uint8 until they are on the device (4x less to transfer); normalisation is on device
+(``vgg_flax.preprocess.normalize_lookup``). Every resize, crop and colour shift is
+``vgg_flax.preprocess``'s, so the evaluation input is torchvision's, bit for bit.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable
 
@@ -23,9 +27,13 @@ import grain
 import numpy as np
 from PIL import Image
 
+from train import folder
+from train.folder import DataError
+from vgg_flax.preprocess import (as_array, as_pil, center_crop, colour_shift, pca_shift,
+                                 random_resized_crop_params, resize_shorter, resized_crop,
+                                 resized_size, scale_jitter_crop)
 
-class DataError(ValueError):
-    """A dataset that cannot be read as configured (one line: problem and fix)."""
+log = logging.getLogger("vgg_flax.train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +42,7 @@ class DatasetInfo:
     channels: int
     train_size: int
     eval_size: int
+    class_names: tuple[str, ...] = ()  # folder datasets: index -> class folder name
 
 
 # -- sources ----------------------------------------------------------------------------------
@@ -61,8 +70,17 @@ class DigitsSource:
         return {"image": self._images[i], "label": self._labels[i]}
 
 
-# Names that do not go through TFDS; everything else is looked up with tfds.data_source.
-IN_MEMORY: dict[str, Callable[[str], Any]] = {"digits": DigitsSource}
+def _folder_source(config, split: str):
+    # The evaluation split masks an undecodable file out; training substitutes the next file.
+    return folder.sources(config, split, substitute=split == config.get("train_split", "train"))
+
+
+# Names that do not go through TFDS (called with (config, split)); everything else is looked up
+# with tfds.data_source.
+IN_MEMORY: dict[str, Callable[[Any, str], Any]] = {
+    "digits": lambda config, split: DigitsSource(split),
+    "folder": _folder_source,
+}
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, manual_dir: str | None,
@@ -105,15 +123,15 @@ def _tfds_source(name: str, split: str, data_dir: str | None, manual_dir: str | 
 def get_source(config, split: str):
     """The random-access source for ``config.dataset``'s ``split``."""
     if config.dataset in IN_MEMORY:
-        return IN_MEMORY[config.dataset](split)
+        return IN_MEMORY[config.dataset](config, split)
     return _tfds_source(config.dataset, split, config.get("data_dir"),
                         config.get("manual_dir"), config.get("download", True))
 
 
 def dataset_info(config, train_source, eval_source) -> DatasetInfo:
     if config.dataset in IN_MEMORY:
-        cls = type(train_source)
-        return DatasetInfo(cls.num_classes, cls.channels, len(train_source), len(eval_source))
+        return DatasetInfo(train_source.num_classes, train_source.channels, len(train_source),
+                           len(eval_source), tuple(getattr(train_source, "classes", ())))
     features = train_source.dataset_info.features
     label = features[config.get("label_key", "label")]
     image = features[config.get("image_key", "image")]
@@ -123,89 +141,54 @@ def dataset_info(config, train_source, eval_source) -> DatasetInfo:
     return DatasetInfo(label.num_classes, image.shape[-1], len(train_source), len(eval_source))
 
 
-# -- transforms (numpy / PIL, run in grain's reader threads) -----------------------------------
-def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    if img.shape[:2] == (h, w):
-        return img
-    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-    out = np.asarray(pil.resize((w, h), Image.BILINEAR))
-    return out[..., None] if out.ndim == 2 else out
-
-
-def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    s = size / min(h, w)
-    return _resize(img, max(size, round(h * s)), max(size, round(w * s)))
-
-
-def center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
-    return img[top:top + size, left:left + size]
-
-
-# AlexNet's "fancy PCA" colour shift (the VGG paper's "random RGB colour shift"): eigenvalues and
-# eigenvectors of ImageNet's RGB pixel covariance, in 0..1 units (as in fb.resnet.torch).
-_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
-_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
-                        [-0.5808, -0.0045, -0.8140],
-                        [-0.5836, -0.6948, 0.4203]])
-
-
-def _example(ex: dict[str, Any], image_key: str, label_key: str) -> tuple[np.ndarray, int]:
-    img = np.asarray(ex[image_key])
-    if img.ndim == 2:
-        img = img[..., None]
-    return img, int(ex[label_key])
+# -- transforms (PIL, run in grain's reader threads; PIL releases the GIL) ---------------------
+def _example(ex: dict[str, Any], image_key: str, label_key: str) -> tuple[Image.Image, int]:
+    return as_pil(ex[image_key] if isinstance(ex[image_key], Image.Image)
+                    else np.asarray(ex[image_key])), int(ex[label_key])
 
 
 def make_train_transform(cfg) -> Callable[[dict[str, Any], np.random.Generator], dict]:
-    """``cfg`` is ``config.input``: kind "scale_jitter" (the paper: shorter side S uniform in
-    [scale_min, scale_max], random crop) or "random_resized_crop"; optional flip and colour shift."""
+    """``cfg`` is ``config.input``. ``scale_jitter`` is the paper's (section 3.1): the shorter side
+    rescaled to S ~ U{scale_min..scale_max} (``preprocess.resize_shorter``'s geometry), a random
+    crop_size crop; ``random_resized_crop`` is torchvision's. Then a horizontal flip with
+    probability 1/2 (``flip``) and AlexNet's PCA colour shift with alpha ~ N(0, colour_shift^2)."""
     kind, crop = cfg.train_kind, cfg.crop_size
     ik, lk = cfg.image_key, cfg.label_key
 
     def transform(ex, rng: np.random.Generator):
         img, label = _example(ex, ik, lk)
         if kind == "scale_jitter":
-            img = resize_shorter(img, int(rng.integers(cfg.scale_min, cfg.scale_max + 1)))
-            h, w = img.shape[:2]
+            s = int(rng.integers(cfg.scale_min, cfg.scale_max + 1))
+            h, w = resized_size(img.height, img.width, s)
             top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-            img = img[top:top + crop, left:left + crop]
+            img = scale_jitter_crop(img, s, top, left, crop)
         elif kind == "random_resized_crop":
-            img = _random_resized_crop(img, crop, rng)
+            img = resized_crop(img, *random_resized_crop_params(img.height, img.width, rng),
+                                 crop)
         else:
             raise DataError(f"unknown input.train_kind {kind!r}; use scale_jitter or random_resized_crop")
         if cfg.flip and rng.random() < 0.5:
-            img = img[:, ::-1]
-        if cfg.colour_shift > 0 and img.shape[-1] == 3:
-            alpha = rng.normal(0.0, cfg.colour_shift, 3)
-            shift = 255.0 * (_PCA_EIGVEC @ (alpha * _PCA_EIGVAL))
-            img = np.clip(img.astype(np.float32) + shift, 0, 255).round().astype(np.uint8)
-        return {"image": np.ascontiguousarray(img), "label": np.int32(label)}
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if cfg.colour_shift > 0 and img.mode == "RGB":
+            img = colour_shift(img, pca_shift(rng.normal(0.0, cfg.colour_shift, 3)))
+        return {"image": as_array(img), "label": np.int32(label)}
 
     return transform
 
 
-def _random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    h, w = img.shape[:2]
-    for _ in range(10):
-        area = h * w * rng.uniform(*scale)
-        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        cw, ch = round(np.sqrt(area * r)), round(np.sqrt(area / r))
-        if 0 < cw <= w and 0 < ch <= h:
-            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-            return _resize(img[top:top + ch, left:left + cw], size, size)
-    return center_crop(resize_shorter(img, size), size)
-
-
 def make_eval_transform(cfg) -> Callable[[dict[str, Any]], dict]:
+    """torchvision's evaluation geometry (``preprocess.resize_shorter`` to resize_size, then
+    ``preprocess.center_crop``) on uint8; the device applies ``preprocess.normalize_lookup``."""
     ik, lk = cfg.image_key, cfg.label_key
 
     def transform(ex):
         img, label = _example(ex, ik, lk)
-        img = center_crop(resize_shorter(img, cfg.resize_size), cfg.crop_size)
-        return {"image": np.ascontiguousarray(img), "label": np.int32(label)}
+        img = as_array(resize_shorter(img, cfg.resize_size))
+        out = {"image": np.ascontiguousarray(center_crop(img, cfg.crop_size)),
+               "label": np.int32(label)}
+        if not ex.get("ok", True):
+            out["ok"] = False
+        return out
 
     return transform
 
@@ -248,7 +231,8 @@ class _Padded(grain.MapDataset):
             return self.slice(index)
         real = index < self._n
         ex = dict(self._parent[index if real else 0])
-        ex["mask"] = np.float32(real)
+        ok = ex.pop("ok", True)  # an undecodable file counts for nothing
+        ex["mask"] = np.float32(real and ok)
         return ex
 
 
@@ -273,4 +257,20 @@ def eval_dataset(config, source, process_index: int, process_count: int) -> grai
     ds = grain.MapDataset.source(source).map(make_eval_transform(config.input))
     ds = ProcessShare(_Padded(ds, gb), gb, process_index, process_count)
     ds = ds.batch(gb // process_count, drop_remainder=True)
-    return ds.to_iter_dataset(_read_options(config))
+    ds = ds.to_iter_dataset(_read_options(config))
+    return _ReportSkipped(ds, source) if hasattr(source, "skipped") else ds
+
+
+class _ReportSkipped:
+    """Iterates ``ds``; after each full pass, logs how many files of ``source`` were undecodable,
+    so the end of a run (which always evaluates) states the count."""
+
+    def __init__(self, ds, source):
+        self._ds, self._source = ds, source
+
+    def __iter__(self):
+        yield from self._ds
+        if len(self._source.skipped):
+            log.warning("%s: %d undecodable file(s) skipped and masked out of this evaluation "
+                        "(paths in the warnings above)", self._source.split,
+                        len(self._source.skipped))

@@ -188,9 +188,24 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def is_model_name(path: str | os.PathLike) -> bool:
+    """``path`` is a VGG name with published weights (``vgg16``), not an existing directory."""
+    return (isinstance(path, str) and path in registry.list_models()
+            and not Path(path).exists())
+
+
+def name_of(path: str | os.PathLike) -> str:
+    """The VGG name of a checkpoint directory, or ``path`` itself when it is a model name."""
+    return path if is_model_name(path) else read_info(path)["name"]
+
+
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
-    """(module, variables) from a directory written by ``save``. ``overrides`` change fields
-    that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
+    """(module, variables) from a directory written by ``save``, or, given a model name such as
+    ``"vgg16"``, its published weights through ``vgg_flax.pretrained``. ``overrides`` change
+    fields that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
+    if is_model_name(path):
+        from vgg_flax.pretrained import pretrained
+        return pretrained(path, **overrides)
     path = Path(path).absolute()
     info = read_info(path)
     module = registry.create(info["name"], **{**overrides_from_json(info.get("overrides", {})), **overrides})

@@ -1,4 +1,4 @@
-"""Top-5 ImageNet classes of image files: ``python -m vgg_flax.classify IMAGE... --weights DIR``.
+"""Top-5 classes of image files (ImageNet's, or a fine-tuned checkpoint's own): ``python -m vgg_flax.classify IMAGE... --weights DIR``.
 
 Images are read with PIL (EXIF orientation applied), preprocessed exactly as the weights'
 torchvision transforms (``vgg_flax.preprocess``) and classified in batches; no torch needed.
@@ -67,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="python -m vgg_flax.classify",
                            description="Top-5 ImageNet classes of image files.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--weights", required=True, help="checkpoint directory written by vgg_flax.save")
+    p.add_argument("--weights", required=True, help="checkpoint directory written by "
+                   "vgg_flax.save, or a model name (vgg16 ...) for its published weights "
+                   "(vgg_flax.pretrained: cached, or from the Hugging Face hub)")
     p.add_argument("--top", type=cli.positive_int, default=5)
     p.add_argument("--protocol", default="single", choices=E.PROTOCOLS)
     p.add_argument("--scales", type=cli.positive_ints, default=None,
@@ -88,14 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed += 1
     if loaded:
         from vgg_flax import registry
-        from vgg_flax.checkpoint import load, read_info
+        from vgg_flax.checkpoint import is_model_name, load, name_of, read_info
         try:
-            name = read_info(args.weights)["name"]
+            name = name_of(args.weights)
             module, variables = load(args.weights)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
             print(f"error: {e}", file=sys.stderr)
             return 2
-        categories = registry.imagenet_categories() if module.num_classes == 1000 else None
+        # a fine-tuned checkpoint carries its class names (train/export.py of a folder run)
+        info = {} if is_model_name(args.weights) else read_info(args.weights)
+        categories = info.get("categories") or (
+            registry.imagenet_categories() if module.num_classes == 1000 else None)
         try:
             results = classify([im for _, im in loaded], module, variables, name,
                                protocol=args.protocol, scales=scales, top=args.top,

@@ -11,6 +11,11 @@ because the 3-channel mean does not broadcast; its ``ImageFolder`` loader calls
 ``Image.convert("RGB")`` first. ``preprocess`` does the same: grayscale is replicated to three
 channels, palette images are expanded, and alpha is dropped (not composited on a background), so
 ``preprocess(img, name)`` equals ``transforms(img.convert("RGB"))`` for every PIL mode.
+
+This module owns the geometry for the whole repository: classification, ``train/eval.py``, the
+trainer's evaluation (``resize_shorter`` + ``center_crop`` on uint8, ``normalize`` on device),
+the converter's verification images (``verification_input``) and training augmentation (the
+paper's scale jittering is ``scale_jitter_crop``: the same shorter-side resize at a random S).
 """
 from __future__ import annotations
 
@@ -95,6 +100,18 @@ def normalize(array: np.ndarray, mean, std) -> np.ndarray:
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def normalize_lookup(images, mean, std, xp=np):
+    """``normalize`` of uint8 (..., C) ``images`` as a table lookup, bit-identical on any backend.
+
+    ``xp`` is the array namespace (``jax.numpy`` in the trainer, which ships uint8 batches, 4x
+    less to transfer, and normalises on the device). A uint8 channel has 256 values, so a
+    (256, C) table of ``normalize``'s outputs reproduces it exactly; computing it on the device
+    does not, as XLA turns ``x / 255`` into ``x * (1 / 255)``, which rounds differently.
+    """
+    table = normalize(np.arange(256, dtype=np.uint8)[:, None], mean, std)  # (256, C)
+    return xp.asarray(table)[images.astype(xp.int32), xp.arange(table.shape[1])]
+
+
 def preprocess(image: Image.Image | np.ndarray, name: str | Mapping[str, Any] = "vgg16") -> np.ndarray:
     """The float32 (crop, crop, 3) HWC array VGG ``name``'s weights expect from ``image``.
 
@@ -138,3 +155,126 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
                          "(JPEG, PNG, BMP, GIF, TIFF, WebP ... expected)") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot decode image ({e})") from None
+
+
+def verification_input(image: Image.Image | np.ndarray, name: str = "vgg16",
+                       channels: int = 3) -> np.ndarray:
+    """The float32 (size, size, channels) input the converter verifies VGG ``name`` on.
+
+    Three channels: ``preprocess(image, name)``; where the network's ``input_size`` is not the
+    weights' crop (``vgg16_ssd``: the SSD300 detector resizes to a fixed 300x300 square), a
+    square resize to ``input_size`` with the same filter and normalisation. One channel: the
+    image as grayscale ("L"), same geometry, scaled to 0..1 only (one-channel VGGs have no
+    published mean/std).
+    """
+    p = preprocessing(name)
+    size = registry.metadata(name)["input_size"][0]
+    image = to_rgb(image)
+    if channels == 1:
+        image = image.convert("L")
+    interpolation = p.get("interpolation", "bilinear")
+    if size != p["crop_size"]:
+        a = np.asarray(image.resize((size, size), _PIL_FILTERS[interpolation]))
+    else:
+        a = center_crop(np.asarray(resize_shorter(image, p["resize_size"], interpolation)), size)
+    a = a.reshape(a.shape[0], a.shape[1], -1)
+    if channels == 1:
+        return a.astype(np.float32) / np.float32(255.0)
+    return normalize(a, p["mean"], p["std"])
+
+
+# -- training augmentation (numpy / PIL, in the input pipeline's threads) ----------------------
+def resize_array(array: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """A uint8 (H, W, C) array (C = 1 or 3) with its shorter side resized to ``size``, exactly as
+    ``resize_shorter`` (channels kept: one-channel datasets stay one channel)."""
+    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    out = np.asarray(resize_shorter(pil, size, interpolation))
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def as_pil(image: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image of a uint8 (H, W), (H, W, 1) or (H, W, 3) array (no copy when contiguous)."""
+    if isinstance(image, Image.Image):
+        return image
+    return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W, C) of a PIL image, C = 1 for one-channel modes."""
+    a = np.asarray(image)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def scale_jitter_crop(image: Image.Image, scale: int, top: int, left: int, crop: int,
+                      interpolation: str = "bilinear") -> Image.Image:
+    """The (crop, crop) window at (top, left) of ``resize_shorter(image, scale)``.
+
+    Only the window is resampled (PIL's ``box``: the source rectangle it covers at the same
+    filter scale), 3-5x less work than resizing the whole image to S in [256, 512] and throwing
+    most of it away. PIL's fixed-point filter weights are computed from the shifted origin, so a
+    few pixels differ by one grey level from resize-then-crop (tests bound it at 1).
+    """
+    h, w = resized_size(image.height, image.width, scale)
+    if not (0 <= top <= h - crop and 0 <= left <= w - crop):
+        raise ValueError(f"crop window ({top}, {left}) + {crop} outside the {h}x{w} image at S={scale}")
+    if (h, w) == (image.height, image.width):
+        return image.crop((left, top, left + crop, top + crop))
+    sy, sx = image.height / h, image.width / w
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return image.resize((crop, crop), _PIL_FILTERS[interpolation], box=box)
+
+
+def resized_crop(image: Image.Image, top: int, left: int, height: int, width: int, size: int,
+                 interpolation: str = "bilinear") -> Image.Image:
+    """torchvision's ``F.resized_crop`` on a PIL image: crop, then resize to (size, size)."""
+    return image.crop((left, top, left + width, top + height)).resize(
+        (size, size), _PIL_FILTERS[interpolation])
+
+
+def random_resized_crop_params(height: int, width: int, rng: np.random.Generator,
+                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's ``RandomResizedCrop.get_params`` draws them (same law,
+    numpy's generator): area fraction ~ U(scale), log aspect ratio ~ U(log ratio), 10 tries, then
+    the whole image clamped to the ratio range."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# AlexNet's "fancy PCA" colour shift (the VGG paper's "random RGB colour shift", section 3.1):
+# eigenvalues and eigenvectors of ImageNet's RGB pixel covariance in 0..1 units, as published
+# with fb.resnet.torch. A shift is ``255 * V @ (alpha * lambda)``, alpha ~ N(0, sigma^2) per image.
+PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                       [-0.5808, -0.0045, -0.8140],
+                       [-0.5836, -0.6948, 0.4203]])
+
+
+def pca_shift(alpha: np.ndarray) -> np.ndarray:
+    """The per-channel RGB shift (3,) in 0..255 units for AlexNet coefficients ``alpha`` (3,)."""
+    return 255.0 * (PCA_EIGVEC @ (np.asarray(alpha, np.float64) * PCA_EIGVAL))
+
+
+def colour_shift(image: Image.Image, shift: np.ndarray) -> Image.Image:
+    """``clip(round(x + shift[c]), 0, 255)`` for every pixel of an RGB image, per channel c.
+
+    The shift is constant over the image, so it is a 256-entry lookup table per channel
+    (``Image.point``): one pass in C, no float copy of the image.
+    """
+    x = np.arange(256, dtype=np.float64)
+    lut = np.clip(np.round(x[None, :] + np.asarray(shift, np.float64)[:, None]), 0, 255)
+    return image.point(lut.astype(np.uint8).ravel().tolist())

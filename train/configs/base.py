@@ -10,7 +10,7 @@ def base() -> ml_collections.ConfigDict:
     c.model_overrides = ml_collections.ConfigDict()  # VGG fields (width, hidden_size, ...)
     c.compute_dtype = "float32"        # "bfloat16": bf16 activations/matmuls, fp32 parameters
 
-    c.dataset = "imagenet2012"         # "digits" or any TFDS image-classification dataset
+    c.dataset = "imagenet2012"         # "digits", "folder" (data_dir=ROOT/<split>/<class>/<image>) or TFDS
     c.train_split, c.eval_split = "train", "validation"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.manual_dir = ml_collections.FieldReference(None, field_type=str)
@@ -21,6 +21,8 @@ def base() -> ml_collections.ConfigDict:
         scale_min=256, scale_max=512,  # scale jittering: shorter side S ~ U[scale_min, scale_max]
         crop_size=224, resize_size=256,  # eval: shorter side -> resize_size, centre crop
         flip=True, colour_shift=0.1,   # AlexNet-style RGB shift std (0 = off)
+        draft=False,                   # folder JPEGs: decode at 1/2-1/8 size when still >= the
+                                       # largest scale needed (fast on big photos, not bit-exact)
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # in 0..1 units
         num_threads=2, prefetch=8))
 
@@ -34,6 +36,10 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every_steps = 500
     c.log_every_steps = 50
     c.seed = 0
+    # Resuming DIR under a config whose meaning differs from DIR/train_config.json (model, data,
+    # batch, optimizer, schedule, seed...) is refused unless this is True; cadence keys
+    # (total_steps, *_every_steps, keep_checkpoints) and placement (mesh, threads) may change.
+    c.allow_config_change = False
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps=1e-8,

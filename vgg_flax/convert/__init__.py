@@ -37,7 +37,8 @@ from vgg_flax.convert.mapping import (DTYPES, Prepared, check_fit, load_torch_we
                                       map_to_flax, prepare, suggest_overrides)
 from vgg_flax.convert.memory import empty_aligned, peak_rss_bytes, release_memory
 from vgg_flax.convert.sources import (SSD_NAME, Source, build_module, default_weights,
-                                      hub_cache_file, resolve_weights)
+                                      hf_source, hub_cache_file, resolve_weights,
+                                      weights_enum)
 from vgg_flax.convert.verify import (Verification, compare, output_names, torch_reference,
                                      verification_inputs, verify)
 
@@ -46,8 +47,8 @@ __all__ = [
     "SSD_NAME", "Source", "Summary", "Verification", "build_module", "check_fit",
     "check_written", "commit", "compare", "decimate_fc", "default_out", "default_weights",
     "detect_layout", "digests", "empty_aligned", "flatten", "flax_to_torch",
-    "flax_to_torch_main", "format_for", "hub_cache_file", "interrupt_after",
-    "load_torch_weights", "map_to_flax", "output_names", "peak_rss_bytes", "prepare",
+    "flax_to_torch_main", "format_for", "hf_source", "hub_cache_file", "interrupt_after",
+    "load_torch_weights", "map_to_flax", "output_names", "peak_rss_bytes", "prepare", "weights_enum",
     "read_flax", "release_memory", "resolve_weights", "settle", "suggest_overrides",
     "to_library_layout", "torch_reference", "torch_to_flax", "torch_to_flax_main", "unflatten",
     "verification_inputs", "verify", "write_flax",

@@ -70,7 +70,9 @@ def torch_to_flax_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights", help="torchvision weights (IMAGENET1K_V1, IMAGENET1K_FEATURES, "
                    "DEFAULT; default: IMAGENET1K_V1, for vgg16_ssd IMAGENET1K_FEATURES) or a "
                    ".pth/.pt/.safetensors file (state_dict or checkpoint with one under "
-                   "'state_dict'/'model'; DataParallel 'module.' prefixes are fine)")
+                   "'state_dict'/'model'; DataParallel 'module.' prefixes are fine; timm's "
+                   "layout too), or hf:OWNER/REPO[/FILE] from the Hugging Face hub, e.g. "
+                   "hf:timm/vgg16.tv_in1k")
     p.add_argument("--out", help="output path (default out/NAME, plus .safetensors/.msgpack)")
     p.add_argument("--format", choices=FORMATS, help="orbax (default; read by vgg_flax.load), "
                    "safetensors or msgpack (flax.serialization); default from --out's suffix")

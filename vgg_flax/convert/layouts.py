@@ -1,6 +1,7 @@
 """Every torch key layout we read, renamed to the one ``vgg_flax.weights`` maps from.
 
-Classifiers: ``CLASSIFIER_LAYOUTS`` (torchvision's ``VGG``; timm's is recognised and named).
+Classifiers: ``CLASSIFIER_LAYOUTS`` (torchvision's ``VGG``; timm's, whose classifier runs as
+convolutions: ``vgg_flax.timm_layout``).
 SSD backbones: torchvision's ``ssd300_vgg16`` (``backbone.`` keys), its bare
 ``SSDFeatureExtractorVGG``, ssd.pytorch's ``vgg16_reducedfc.pth`` (a ``ModuleList``: ``0.weight``
 ... ``33.bias``) and ssd.pytorch's full SSD (``vgg.N``, ``L2Norm.weight``); or built from
@@ -13,7 +14,7 @@ from typing import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 
-from vgg_flax import arch
+from vgg_flax import arch, timm_layout
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.sources import SSD_NAME
 from vgg_flax.torch_io import Tensor
@@ -32,17 +33,19 @@ def _is_torchvision(keys: Collection[str]) -> bool:
     return bool(keys) and all(k.startswith(("features.", "classifier.")) for k in keys)
 
 
-def _is_timm(keys: Collection[str]) -> bool:
-    return any(k.startswith(("pre_logits.fc1.", "pre_logits.fc2.", "head.fc.")) for k in keys)
+def _reshaped(src: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``src`` seen with another shape of the same rows (timm's classifier convolutions)."""
+    tail = shape[1:]
+    return Tensor(shape, src.dtype, lambda sl: src.rows(sl).reshape((-1,) + tail),
+                  lambda: src.torch().reshape(shape), src.release, src.mmapped)
 
 
 # One entry per layout; SSD layouts are detected first (``detect_layout``).
 CLASSIFIER_LAYOUTS: dict[str, ClassifierLayout] = {
     "torchvision": ClassifierLayout(_is_torchvision, lambda t: t),
-    "timm": ClassifierLayout(_is_timm, None, hint=(
-        "timm's VGG (features.*, pre_logits.fc1/fc2 as convolutions, head.fc) is not read yet; "
-        "load it into timm and re-save torchvision's keys: classifier.0/3.weight = "
-        "pre_logits.fc1/fc2.weight.flatten(1), classifier.6 = head.fc")),
+    # timm's classifier convolutions are torchvision's Linear weights reshaped: no copies
+    "timm": ClassifierLayout(timm_layout.is_timm_layout,
+                             lambda t: timm_layout.to_torchvision(t, _reshaped)),
 }
 
 

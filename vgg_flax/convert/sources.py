@@ -68,10 +68,31 @@ def hub_cache_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
+def hf_source(spec: str, progress: bool = True) -> Source:
+    """``hf:OWNER/REPO[/FILE]`` (FILE defaults to model.safetensors) via huggingface_hub's cache."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from vgg_flax.pretrained import hub_file
+    parts = spec[3:].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ConversionError(f"--weights {spec!r}: write hf:OWNER/REPO or hf:OWNER/REPO/FILE, "
+                              "e.g. hf:timm/vgg16.tv_in1k")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
+    try:
+        return Source(hub_file(repo, filename, progress=progress), spec)
+    except (OSError, EntryNotFoundError) as err:
+        raise ConversionError(f"cannot get {filename} of Hugging Face repo {repo} "
+                              f"({torch_io.short_error(err)}); check the name, or pass --weights "
+                              "PATH with the downloaded file") from None
+
+
 def resolve_weights(name: str, weights: str | os.PathLike | None, progress: bool = True) -> Source:
     """A file for ``weights``: a path, or a torchvision enum member (``IMAGENET1K_V1``,
     ``VGG16_Weights.IMAGENET1K_FEATURES``, ``DEFAULT``) fetched by torchvision's weights API into
-    torch's hub cache (progress bar, hash check). Offline with nothing cached: ConversionError."""
+    torch's hub cache (progress bar, hash check), or ``hf:OWNER/REPO[/FILE]`` from the Hugging
+    Face hub. Offline with nothing cached: ConversionError."""
+    if isinstance(weights, str) and weights.startswith("hf:"):
+        return hf_source(weights, progress)
     if weights is not None and (isinstance(weights, os.PathLike) or Path(weights).exists()
                                 or not re.fullmatch(r"([A-Za-z0-9]+_Weights\.)?[A-Z0-9_]+",
                                                     str(weights))):

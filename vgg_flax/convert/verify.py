@@ -19,8 +19,7 @@ from vgg_flax import arch, registry, torch_io
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.formats import flatten, unflatten
 from vgg_flax.convert.memory import release_memory
-from vgg_flax.convert.sources import SSD_NAME
-from vgg_flax.preprocess import load_image, preprocess
+from vgg_flax.preprocess import load_image, verification_input
 
 
 @dataclasses.dataclass
@@ -114,22 +113,18 @@ def torch_reference(name: str, module, in_channels: int = 3):
 def verification_inputs(name: str, module, in_channels: int, images: Sequence[str | os.PathLike] = (),
                         batch: int = 4, seed: int = 0) -> np.ndarray:
     """(N, H, W, C) float32: ``batch`` seeded normal images, then ``images`` as
-    ``vgg_flax.preprocess`` prepares them for the weights (SSD: at its 300x300 input size)."""
-    meta = registry.metadata(name)
-    size = meta["input_size"][0]
+    ``vgg_flax.preprocess.verification_input`` prepares them for the weights (SSD: the
+    detector's 300x300 square; other channel counts: the grey level in each channel)."""
+    size = registry.metadata(name)["input_size"][0]
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal((batch, size, size, in_channels), np.float32)]
-    settings = dict(meta["preprocessing"])
-    if name == SSD_NAME:
-        settings.update(resize_size=size, crop_size=size)
     for f in images:
         try:
-            a = preprocess(load_image(f, exif_transpose=False), settings)
+            a = verification_input(load_image(f, exif_transpose=False), name,
+                                   3 if in_channels == 3 else 1)
         except ValueError as err:
             raise ConversionError(f"cannot read image {f} ({err}); pass a JPEG/PNG file") from None
-        if in_channels != 3:  # weights for other channel counts: the grey level in each
-            a = np.repeat(a.mean(axis=-1, keepdims=True), in_channels, axis=-1)
-        xs.append(a[None])
+        xs.append(np.repeat(a, in_channels // a.shape[-1], axis=-1)[None])
     return np.concatenate(xs)
 
 

@@ -1,0 +1,44 @@
+"""benchmarks/input_pipeline.py end to end at its smallest size (a smoke test: no speed is
+asserted; the figures live in benchmarks/results/input_pipeline.md). Budget: ~40 s (three worker
+processes, each importing its framework)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/input_pipeline.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_input_pipeline_bench_smoke(tmp_path):
+    out = tmp_path / "ip"
+    run = _run("--images", "12", "--batch", "4", "--batches", "2", "--rounds", "1",
+               "--size", "100x75", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert set(result["summary"]) == {"grain", "tf.data", "torch"}
+    for impl, s in result["summary"].items():
+        assert s["img_s_per_core"] > 0, impl
+        [m] = result["runs"][impl]
+        assert m["images"] == 8 and m["cpus"] and len(m["cpus"]) == 1  # pinned to one core
+        shape = [4, 3, 224, 224] if impl == "torch" else [4, 224, 224, 3]  # torch is CHW
+        assert m["last_batch_shape"] == shape  # the 224 crop of S >= 256
+    rows = result["accelerators"]["grain"]
+    assert {r["accelerator"] for r in rows} >= {"A100 (SXM)", "TPU v4"}
+    for r in rows:  # cores = derived step rate / measured rate
+        assert abs(r["host_cores"] * result["summary"]["grain"]["img_s_per_core"]
+                   - r["train_img_s"]) < 1e-6 * r["train_img_s"]
+    md = out.with_suffix(".md").read_text()
+    assert "| grain |" in md and "| tf.data |" in md and "host cores" in md
+
+
+def test_input_pipeline_bench_bad_args(tmp_path):
+    run = _run("--impls", "grain,dali", "--out", str(tmp_path / "x"), timeout=120)
+    assert run.returncode == 2 and "unknown pipeline" in run.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,66 @@
+"""Metrics: DIR/metrics.jsonl and TensorBoard events as the run goes, DIR/curves.png at the end."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricWriter:
+    """metrics.jsonl + TensorBoard events in DIR; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: Path, active: bool, resume_step: int):
+        self.active, self.path = active, workdir / "metrics.jsonl"
+        self.tb = None
+        if not active:
+            return
+        if self.path.exists():  # drop lines from after the checkpoint we resume from
+            keep = [l for l in self.path.read_text().splitlines()
+                    if l.strip() and json.loads(l)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            os.replace(tmp, self.path)
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, int(step))
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_metrics(workdir: Path) -> Path | None:
+    """DIR/curves.png: training loss, train and eval top-1/top-5, learning rate."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    series = lambda key: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(*series("loss"), label="train")
+    axes[0].plot(*series("eval_loss"), "o-", label="eval")
+    axes[0].set(title="loss", xlabel="step", yscale="log")
+    for key, style in (("top1", "-"), ("eval_top1", "o-"), ("eval_top5", "s--")):
+        axes[1].plot(*series(key), style, label=key)
+    axes[1].set(title="accuracy", xlabel="step", ylim=(0, 1))
+    axes[2].plot(*series("lr"))
+    axes[2].set(title="learning rate", xlabel="step")
+    for ax in axes[:2]:
+        ax.legend()
+    fig.tight_layout()
+    out, tmp = workdir / "curves.png", workdir / ".curves.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
