@@ -51,8 +51,11 @@ def test_torchvision_parity(name):
     # plain jit, as a user runs it: speed never loosens the tolerance
     apply = jax.jit(model.apply)
     g = torch.Generator().manual_seed(1)
+    # Every variant at 224x224; the other sizes exercise the adaptive pool before fc6 (bins of
+    # 8x8 and 7x10 maps), which no variant changes: vgg16 and vgg16_bn cover them (CI's time).
+    sizes = SIZES if name in ("vgg16", "vgg16_bn") else SIZES[:1]
     with jax.default_matmul_precision("highest"):
-        for h, w in SIZES:
+        for h, w in sizes:
             x = torch.randn(2, 3, h, w, generator=g)
             with torch.no_grad():
                 ref = tm(x).numpy()
