@@ -60,39 +60,3 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-# XLA:CPU in jaxlib 0.10 runs reductions as YNNPACK fusions. In training gradients they give
-# wrong results, depending on the program (vgg11_bn with non-zero biases: fc7's gradient 4e-2
-# off torchvision's, on XLA's convolutions and on oneDNN's alike; every other YNNPACK fusion
-# type, and XLA's own reductions, are exact: tests/test_parity.py's training-gradient test
-# fails without this). The fusion type can only be turned off by XLA_FLAGS, read once when the
-# CPU backend starts.
-_YNN_REDUCE_OFF = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
-
-
-def avoid_ynn_reductions() -> str:
-    """Turn XLA:CPU's YNNPACK reduction fusions off for this process; returns what was done.
-
-    Applied by ``import vgg_flax`` on jaxlib 0.10 (which has the flag and the fault), when the
-    CPU backend has not started yet and XLA_FLAGS does not already choose YNNPACK fusion types.
-    Opt out with ``VGG_FLAX_XLA_FLAGS=default``. Too late (JAX already ran something): a warning.
-    """
-    import jaxlib
-    from jax._src import xla_bridge
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get("VGG_FLAX_XLA_FLAGS", "") == "default":
-        return "off: VGG_FLAX_XLA_FLAGS=default"
-    if not jaxlib.__version__.startswith("0.10."):
-        return f"not needed: jaxlib {jaxlib.__version__}"
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return "XLA_FLAGS already chooses YNNPACK fusion types"
-    if xla_bridge.backends_are_initialized():
-        import warnings
-        warnings.warn("vgg_flax was imported after JAX started its backends: XLA:CPU's YNNPACK "
-                      "reductions (wrong gradients in jaxlib 0.10) stay on; import vgg_flax "
-                      f"first, or set XLA_FLAGS={_YNN_REDUCE_OFF}", stacklevel=3)
-        return "too late: backends already started"
-    os.environ["XLA_FLAGS"] = f"{flags} {_YNN_REDUCE_OFF}".strip()
-    return "applied"
