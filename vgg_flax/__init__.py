@@ -6,7 +6,12 @@
 >>> variables = vgg_flax.from_torch(torch_state_dict, "vgg16")
 >>> module, variables = vgg_flax.pretrained("vgg16")      # ImageNet weights, torch optional
 """
-from vgg_flax.arch import CFGS, VARIANTS
+from vgg_flax import perf as _perf
+
+# Before JAX starts XLA's worker threads, or they keep glibc's defaults: see tune_host_malloc.
+HOST_MALLOC = _perf.tune_host_malloc()
+
+from vgg_flax.arch import CFGS, VARIANTS  # noqa: E402
 from vgg_flax import losses, lpips
 from vgg_flax.checkpoint import CheckpointError, load, save
 from vgg_flax.model import VGG

@@ -33,7 +33,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from vgg_flax import perf
 from vgg_flax.model import VGG
 from vgg_flax.preprocess import preprocess, preprocessing, rescale, to_rgb
 
@@ -165,7 +164,6 @@ class MaskedDenseVGG(VGG):
 
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
-        perf.tune_host_malloc()
         h_pad = x.shape[1]
         plan = self.layers()
         x = x.astype(self.dtype)

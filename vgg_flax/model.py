@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vgg_flax import arch, onednn, perf
+from vgg_flax import arch, onednn
 
 Array = jax.Array
 
@@ -354,7 +354,6 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False):
         self._check_input(x)
-        perf.tune_host_malloc()  # once per process; see its docstring (opt-out there)
         plan, stop = self.layers(), self._stop()
         want = set(self.taps)
         out: dict[str, Array] = {}

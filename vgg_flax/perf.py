@@ -1,9 +1,9 @@
 """Process-level speed settings: the host allocator and the compilation cache.
 
 The convolutions themselves are ``vgg_flax.onednn``'s. What is here is what a plain ``jax.jit``
-user would otherwise have to know about: ``tune_host_malloc`` is applied by the library itself
-the first time a VGG is traced (opt out with ``VGG_FLAX_MALLOC=default``), and
-``enable_compilation_cache`` is a one-line opt-in. ``docs/performance.md`` has the figures.
+user would otherwise have to know about: ``tune_host_malloc`` is applied by ``import vgg_flax``
+(opt out with ``VGG_FLAX_MALLOC=default``), and ``enable_compilation_cache`` is a one-line
+opt-in. ``docs/performance.md`` has the figures.
 """
 from __future__ import annotations
 
@@ -26,25 +26,33 @@ def tune_host_malloc() -> str:
     """Serve large host blocks from one heap that is never trimmed; returns what was done.
 
     glibc's malloc serves every block over 32 MiB with a fresh mmap and returns it on free, so
-    each execution of a compiled VGG step (one large temporary arena) and each large torch
-    tensor page-faults its memory in again: 1.55 million faults and ~11 s of kernel time per
-    VGG-16 fp32 training step at batch 32 on the 2-core machine we measure on. With mmap off
-    for malloc, trimming off and one arena, freed memory stays with the process for reuse (its
-    resident size does not shrink after a peak). glibc reads these at any time through
-    ``mallopt``, so no restart is needed; it applies to allocations made from then on.
+    each execution of a compiled VGG step (XLA allocates its temporaries, ~1 GB for a VGG-16
+    fp32 training step at batch 8, from a worker thread) and each large torch tensor
+    page-faults its memory in again: 237,000 faults and 0.5-4 s of kernel time per step on the
+    2-core machine we measure on. With mmap off for malloc, trimming off and one arena, freed
+    memory stays with the process for reuse (its resident size does not shrink after a peak).
 
-    Called once per process by vgg_flax when a VGG is first traced. Nothing is changed off
-    glibc or with ``VGG_FLAX_MALLOC=default`` in the environment.
+    glibc reads these through ``mallopt`` at any time, but a thread keeps the arena it was
+    given at its first allocation, and in a thread's own arena glibc still maps blocks over 64
+    MiB with mmap. So this must run before JAX starts its backend (and with it XLA's worker
+    threads): ``import vgg_flax`` calls it. Imported after JAX has run something, it still
+    applies to the threads to come (and torch's), and the returned string says so. Nothing is
+    changed off glibc or with ``VGG_FLAX_MALLOC=default`` in the environment.
     """
     if os.environ.get("VGG_FLAX_MALLOC", "").lower() == "default":
         return "default (VGG_FLAX_MALLOC=default)"
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return "default (not glibc)"
+    from jax._src import xla_bridge  # private, but the only way to ask; jax has no public one
+    late = xla_bridge.backends_are_initialized()
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # -1 turns trimming off entirely (mallopt(3)); 0 mmaps: large blocks come from the heap.
     done = [libc.mallopt(p, v) for p, v in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
                                              (_M_ARENA_MAX, 1))]
-    return "tuned" if all(done) else "default (mallopt refused)"
+    if not all(done):
+        return "default (mallopt refused)"
+    return ("tuned late (JAX ran before import vgg_flax: XLA's worker threads keep glibc's "
+            "defaults; import vgg_flax before running JAX)" if late else "tuned")
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
