@@ -9,7 +9,7 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from vgg_flax.convert.errors import ConversionError
 
@@ -53,6 +53,23 @@ def check_out(out: Path, force: bool) -> None:
 def tmp_sibling(out: Path, tag: str) -> Path:
     # Hidden, unique, and with out's suffix so that readers pick the same format.
     return out.parent / f".{out.stem}.{tag}-{uuid.uuid4().hex[:8]}{out.suffix}"
+
+
+@contextlib.contextmanager
+def staged(out: Path, on_os_error: Callable[[OSError], Exception]) -> Iterator[Path]:
+    """A hidden temporary sibling of ``out`` for the block to write (and ``settle``); if the block
+    fails, the temporary is removed, and an OSError comes out as ``on_os_error(err)`` (one line
+    for the user) instead."""
+    tmp = tmp_sibling(out, "tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+    except OSError as err:
+        remove(tmp)
+        raise on_os_error(err) from None
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def remove(p: Path) -> None:

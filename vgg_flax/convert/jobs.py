@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import sys
@@ -68,6 +69,10 @@ def _written(path: Path, what: str):
     return ConversionError(f"cannot write {path} ({what}); free space or pick another --out")
 
 
+def _written_error(path: Path, err: OSError) -> ConversionError:
+    return _written(path, torch_io.short_error(err))
+
+
 def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
                   out: str | os.PathLike | None = None, *, fmt: str | None = None,
                   verify_outputs: bool = True, images: Sequence[str | os.PathLike] = (),
@@ -95,11 +100,9 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
         if verify_outputs else None
     variables = map_to_flax(prep.tensors, prep.module, prep.dtype, progress)
     num_params = _num_params(variables)
-    tmp = atomic.tmp_sibling(out_path, "tmp")
     extra = {"converted_from": {"source": prep.source.label, "notes": prep.notes}}
     result = None
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.staged(out_path, functools.partial(_written_error, out_path)) as tmp:
         with atomic.interrupt_after():
             formats.write_flax(tmp, variables, name, prep.module, fmt, extra)
         release_memory()
@@ -117,12 +120,6 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
             formats.check_written(tmp, fmt, name, prep.fields, written)
             result.readback = fmt != "orbax"
         atomic.settle(tmp, out_path, force, result)
-    except OSError as err:
-        atomic.remove(tmp)
-        raise _written(out_path, torch_io.short_error(err)) from None
-    except BaseException:
-        atomic.remove(tmp)
-        raise
     return Summary(name, num_params, prep.source.label, prep.file.size, out_path, fmt,
                    atomic.path_size(out_path) if out_path.exists() else 0,
                    time.perf_counter() - start, peak_rss_bytes(), result, prep.notes)
@@ -192,10 +189,8 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
     except KeyError as err:
         raise ConversionError(lacks.format(err)) from None
     del variables
-    tmp = atomic.tmp_sibling(out_path, "tmp")
     result = None
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.staged(out_path, functools.partial(_written_error, out_path)) as tmp:
         if out_path.suffix == ".safetensors":
             from safetensors.numpy import save_file
             save_file(dict(sd), tmp)
@@ -209,12 +204,6 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
             result = V.verify(name, module, _torch_side(tmp), None, in_channels=in_channels,
                               rtol=rtol, x=x, flax_out=flax_out)
         atomic.settle(tmp, out_path, force, result)
-    except OSError as err:
-        atomic.remove(tmp)
-        raise _written(out_path, torch_io.short_error(err)) from None
-    except BaseException:
-        atomic.remove(tmp)
-        raise
     return Summary(name, num_params, str(src), src_bytes, out_path,
                    "safetensors" if out_path.suffix == ".safetensors" else "pth",
                    out_path.stat().st_size if out_path.exists() else 0,
