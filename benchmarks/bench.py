@@ -146,6 +146,9 @@ def _reduce_window_pool(x, ceil_mode=False):
     return nn.max_pool(x, (2, 2), (2, 2), padding=pad)
 
 
+_INITIALISED: dict = {}
+
+
 def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
                     width=1.0) -> list[Candidate]:
     import jax
@@ -160,7 +163,12 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, *size, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, num_classes, batch))
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    # Parameters are float32 whatever the compute dtype: initialise (and compile init) once per
+    # model, not once per (mode, dtype) configuration.
+    key = (name, num_classes, width, tuple(size))
+    if key not in _INITIALISED:
+        _INITIALISED[key] = jax.jit(model.init)(jax.random.key(0), x[:1])
+    variables = _INITIALISED[key]
     # label -> (module, 2x2 pool): the user's row, then one lever off per row
     settings = {USER: (model, model_lib.max_pool_2x2)}
     if levers:

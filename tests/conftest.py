@@ -5,13 +5,52 @@ import pytest
 
 # Several CPU devices for the sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# glibc's defaults for the test processes: tuned, a process keeps every heap peak, and a worker
+# that builds hundreds of models grew to 15 GB (two of them exhausted 24 GB). The tests of the
+# tuning run their own processes (tests/test_bench.py).
+os.environ.setdefault("VGG_FLAX_MALLOC", "default")
+
+
+# The heaviest modules first (seconds on 2 shared cores, measured with --durations=0), so that
+# the two pytest-xdist workers (--dist loadfile: a module stays on one worker) end together
+# instead of one running a long module alone at the end.
+HEAVIEST_FIRST = ["test_train_cli", "test_parity", "test_train", "test_bench", "test_convert",
+                  "test_transforms", "test_model", "test_pretrained", "test_evaluate",
+                  "test_onednn", "test_train_demo", "test_train_resume", "test_folder"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable within
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """A worker runs many modules: drop each module's compiled programs when it ends (a worker
+    otherwise grows past 10 GB)."""
+    yield
+    import gc
+    import jax
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Parity rows a test measured ride on its report (so they reach the summary from pytest-xdist
+    workers too)."""
+    outcome = yield
+    report = outcome.get_result()
+    table = getattr(item.module, "PARITY_TABLE", None)
+    if report.when == "call" and table:
+        report.user_properties += [("parity", (str(w), float(d), float(r))) for w, d, r in table]
+        table.clear()
 
 
 def pytest_terminal_summary(terminalreporter):
     """The parity table (variant, size, max abs and relative diff) of this run."""
-    import sys
-    module = sys.modules.get("test_parity")
-    rows = getattr(module, "PARITY_TABLE", [])
+    rows = [value for reports in terminalreporter.stats.values() for r in reports
+            for key, value in getattr(r, "user_properties", ()) if key == "parity"]
     if rows:
         terminalreporter.section("parity against torchvision (fp32, highest precision)")
         terminalreporter.write_line(f"{'case':<44} {'max abs diff':>14} {'relative':>10}")
