@@ -42,8 +42,8 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import torch
-    from jax import lax
 
     from vgg_flax import onednn
     from vgg_flax.model import max_pool_2x2
@@ -67,14 +67,19 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
     dx = jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     dw = jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
     rows = []
-    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
+
+    def normal(shape, dtype=np.float32, scale=1.0):
+        # numpy, not jax.random: one XLA compilation per shape (~0.4 s each) is most of a small run
+        return jnp.asarray((rng.standard_normal(shape, np.float32) * scale).astype(dtype))
+
     for h, cin, cout, count in VGG16_CONVS:
         h = h * size // 224
-        x = jax.random.normal(key, (batch, h, h, cin), jdt)
-        w32 = jax.random.normal(key, (3, 3, cin, cout)) * 0.05
-        b32 = jax.random.normal(key, (cout,)) * 0.05
+        x = normal((batch, h, h, cin), jdt)
+        w32 = normal((3, 3, cin, cout), scale=0.05)
+        b32 = normal((cout,), scale=0.05)
         w = w32.astype(jdt)
-        g = jax.random.normal(key, (batch, h, h, cout), jdt)
+        g = normal((batch, h, h, cout), jdt)
         tx = torch.randn(batch, cin, h, h).to(memory_format=torch.channels_last).requires_grad_()
         tw = torch.randn(cout, cin, 3, 3).mul_(0.05).requires_grad_()
         tg = torch.randn(batch, cout, h, h).to(memory_format=torch.channels_last)
@@ -106,8 +111,8 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
     ours_pool = jit(lambda x, g: jax.vjp(max_pool_2x2, x)[1](g)[0])
     for h, c in VGG16_POOLS:
         h = h * size // 224
-        x = jax.nn.relu(jax.random.normal(key, (batch, h, h, c), jdt))
-        g = jax.random.normal(key, (batch, h // 2, h // 2, c), jdt)
+        x = jnp.maximum(normal((batch, h, h, c), jdt), 0)
+        g = normal((batch, h // 2, h // 2, c), jdt)
         rows.append(dict(layer=f"max pool {h}x{h}x{c} backward", count=1,
                          reduce_window=best_of(lambda: jax.block_until_ready(reduce_window(x, g)), reps),
                          vgg_flax=best_of(lambda: jax.block_until_ready(ours_pool(x, g)), reps)))
