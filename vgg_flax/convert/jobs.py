@@ -64,13 +64,10 @@ def _reference_tensors(prep: Prepared) -> V.TorchWeights:
     return out
 
 
-def _written(path: Path, what: str):
-    """OSError while writing (disk full, permissions changed meanwhile): one line."""
-    return ConversionError(f"cannot write {path} ({what}); free space or pick another --out")
-
-
 def _written_error(path: Path, err: OSError) -> ConversionError:
-    return _written(path, torch_io.short_error(err))
+    """OSError while writing (disk full, permissions changed meanwhile): one line."""
+    return ConversionError(f"cannot write {path} ({torch_io.short_error(err)}); free space or "
+                           "pick another --out")
 
 
 def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
