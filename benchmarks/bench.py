@@ -72,37 +72,58 @@ class Candidate:
     xla_mb: float | None = None
 
 
-MATMUL_N = 2048
-
-
-def peak_candidates(dtype: str, device: str, no_torch: bool) -> list[Candidate]:
-    """Square matmuls in torch and XLA, timed in the same rounds as the models: the ceiling
-    "% of peak" is measured against, under the same machine load (the faster median wins)."""
+def peak_candidates(dtype: str, device: str, no_torch: bool, n: int) -> list[Candidate]:
+    """Square n x n matmuls in torch and XLA, timed in the same rounds as the models: the
+    ceiling "% of peak" is measured against, under the same machine load (the faster median
+    wins)."""
     import jax
     import jax.numpy as jnp
     out = []
-    x = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32 if dtype == "fp32" else jnp.bfloat16)
+    x = jnp.ones((n, n), jnp.float32 if dtype == "fp32" else jnp.bfloat16)
     mm = jax.jit(jnp.matmul)
     out.append(Candidate("peak", "matmul (XLA)", lambda: mm(x, x).block_until_ready()))
     if not no_torch:
         import torch
+        if dtype == "bf16" and device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            # without AVX-512 torch multiplies bf16 in a scalar loop (~14 s for 2048^2): that is
+            # no ceiling, and XLA's (bf16 widened to float32) stands for the machine
+            return out
         dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-        a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dt)
+        a = torch.randn(n, n, device=device, dtype=dt)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         out.append(Candidate("peak", "matmul (torch)", lambda: (a @ a, sync())))
     return out
 
 
 # -- torchvision ----------------------------------------------------------------------------
-def torch_candidates(name, mode, dtype, batch, size, device, num_classes) -> list[Candidate]:
-    import torch
+TORCHVISION_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+
+
+def torchvision_model(name: str, num_classes: int, width: float):
+    """torchvision's model; under a width multiplier, torchvision's own VGG and make_layers on
+    the scaled channel counts (as vgg_flax scales them), fc6 taking the narrower features."""
     import torchvision
+    from torch import nn
+    from torchvision.models import vgg as tv
+    from vgg_flax.arch import scale
+    if width == 1:
+        return torchvision.models.get_model(name, num_classes=num_classes)
+    letter = TORCHVISION_CFG[name.removesuffix("_bn")]
+    cfg = [v if v == "M" else scale(v, width) for v in tv.cfgs[letter]]
+    model = tv.VGG(tv.make_layers(cfg, batch_norm=name.endswith("_bn")), num_classes=num_classes)
+    model.classifier[0] = nn.Linear(cfg[-2] * 7 * 7, model.classifier[0].out_features)
+    return model
+
+
+def torch_candidates(name, mode, dtype, batch, size, device, num_classes,
+                     width) -> list[Candidate]:
+    import torch
     from torch import nn
 
     out = []
     for fmt in ("channels_last", "contiguous"):
         torch.manual_seed(0)
-        model = torchvision.models.get_model(name, num_classes=num_classes).to(device)
+        model = torchvision_model(name, num_classes, width).to(device)
         memfmt = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         model = model.to(memory_format=memfmt)
         x = torch.randn(batch, 3, *size, device=device).to(memory_format=memfmt)
@@ -234,8 +255,8 @@ def run_config(args, mode, dtype, batch) -> list[dict]:
 
     size = tuple(args.size)
     cands = [] if args.no_torch else torch_candidates(args.model, mode, dtype, batch, size,
-                                                      args.device, args.num_classes)
-    cands += peak_candidates(dtype, args.device, args.no_torch)
+                                                      args.device, args.num_classes, args.width)
+    cands += peak_candidates(dtype, args.device, args.no_torch, args.peak_size)
     for c in cands:  # first calls (allocator warm-up, oneDNN primitive creation, compiling)
         t0 = time.perf_counter()
         c.step()
@@ -262,7 +283,7 @@ def run_config(args, mode, dtype, batch) -> list[dict]:
     flops = 2 * macs * (3 if mode == "train" else 1)
     torch_best = max((c for c in cands if c.framework == "torchvision"),
                      key=lambda c: -statistics.median(c.times), default=None)
-    peak = max(2 * MATMUL_N ** 3 / statistics.median(c.times) / 1e9
+    peak = max(2 * args.peak_size ** 3 / statistics.median(c.times) / 1e9
                for c in cands if c.framework == "peak")
     rows = []
     for c in cands:
@@ -304,15 +325,25 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--width", type=float, default=1.0,
-                   help="channel multiplier (a small model for smoke tests; figures are at 1)")
+                   help="channel multiplier of both frameworks' models (a small model for smoke "
+                        "tests; figures are at 1)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-size", type=int, default=2048, metavar="N",
+                   help="the N x N matmul \"%% of peak\" is measured against (smaller for "
+                        "smoke runs)")
     p.add_argument("--levers", action="store_true",
                    help="also time vgg_flax with each performance lever turned off")
     p.add_argument("--no-torch", action="store_true", help="vgg_flax only (no torch installed)")
     p.add_argument("--json", default="benchmarks/results/bench.json")
     p.add_argument("--md", default="benchmarks/results/bench.md")
     args = p.parse_args(argv)
+    if (args.width != 1 and not args.no_torch
+            and args.model.removesuffix("_bn") not in TORCHVISION_CFG):
+        p.error(f"--width applies to torchvision's models ({', '.join(TORCHVISION_CFG)}, and "
+                f"_bn), not {args.model}; or pass --no-torch")
+    if args.peak_size < 1:
+        p.error(f"--peak-size must be a positive size, got {args.peak_size}")
 
     import jax
     import vgg_flax

@@ -12,7 +12,7 @@ def test_bench_smoke(tmp_path):
     """A 1/8-width VGG-11 at 32x32, one round: every row is there and the user's row first."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/bench.py"), "--model", "vgg11", "--batch", "1",
-           "--size", "32", "32", "--width", "0.125", "--reps", "1", "--warmup", "0",
+           "--size", "32", "32", "--width", "0.125", "--reps", "1", "--warmup", "0", "--peak-size", "256",
            "--json", str(out), "--md", str(tmp_path / "bench.md")]
     env = {k: v for k, v in os.environ.items() if k != "VGG_FLAX_MALLOC"}  # as a user runs it
     env["PYTHONPATH"] = str(ROOT)  # this checkout, installed or not

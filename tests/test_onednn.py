@@ -31,7 +31,7 @@ def test_built_and_loaded_on_x86_64_linux():
         return
     assert onednn.available(), onednn.why_unavailable()
     assert onednn.version().startswith("3.")
-    assert onednn.cpu_supports("float32")  # bf16 too where the CPU has AVX-512 (it does here)
+    assert onednn.cpu_supports("float32")  # bf16 too where the CPU has AVX-512
 
 
 # (input NHWC, kernel HWIO, strides, padding, kernel dilation): every convolution the VGG variants
@@ -142,7 +142,7 @@ def test_mixed_dtypes_round_the_kernel_inside():
     relu = lambda x, w, b: onednn.conv(x, w, b, padding="SAME", relu=True)  # noqa: E731
     y_relu, vjp_relu = jax.vjp(relu, x, w, b)
     np.testing.assert_array_equal(f32(y_relu), np.maximum(f32(y), 0))
-    want = jax.vjp(lambda *a: jnp.maximum(f(*a), 0), x, w, b)[1](jnp.ones_like(y))
+    want = jax.vjp(lambda *a: jax.nn.relu(f(*a)), x, w, b)[1](jnp.ones_like(y))
     for got, ref in zip(vjp_relu(jnp.ones_like(y)), want):
         np.testing.assert_array_equal(f32(got), f32(ref))
     # The other way round (float32 activations, bfloat16 parameters kept from a bf16 file):
@@ -174,7 +174,10 @@ def test_vmap_and_remat():
     np.testing.assert_allclose(per_example(f)(w, x), per_example(ref)(w, x), rtol=1e-4,
                                atol=1e-4)
     loss = lambda conv: lambda w: jnp.sum(jax.checkpoint(conv)(x[0], w) ** 2)  # noqa: E731
-    np.testing.assert_allclose(jax.grad(loss(f))(w), jax.grad(loss(ref))(w), rtol=1e-5)
+    # within 1e-5 of the largest value, as above: a sum of terms ~1e3 has absolute error ~1e-5
+    # whatever its size, and oneDNN's summation order depends on the CPU's vector width
+    got, want = jax.grad(loss(f))(w), jax.grad(loss(ref))(w)
+    assert float(jnp.abs(got - want).max()) <= 1e-5 * float(jnp.abs(want).max())
 
 
 SHARDED = textwrap.dedent("""

@@ -151,14 +151,21 @@ def _dn(x_shape, w_shape):
     return lax.conv_dimension_numbers(x_shape, w_shape, _NHWC)
 
 
-def _lax_conv(x, w, b=None, *, geom, relu, precision, strict=False):
+def _lax_conv(x, w, b=None, *, geom, relu, precision, strict=False, round_once=False):
+    """XLA's convolution, as flax.linen.Conv runs it: the result, then the bias add, each rounded
+    to ``x``'s dtype. ``round_once``: bias and ReLU in float32 and one rounding at the end, as
+    oneDNN does (what the CPU fallback of ``conv_p`` runs: XLA:CPU convolves bfloat16 in float32
+    anyway, so it costs nothing there, and ``conv_p`` means the same thing on every CPU)."""
     del strict
     strides, padding, dilation = geom
+    wide = jnp.float32 if round_once and x.dtype != jnp.float32 else None
     y = lax.conv_general_dilated(x, w.astype(x.dtype), strides, padding, rhs_dilation=dilation,
-                                 dimension_numbers=_dn(x.shape, w.shape), precision=precision)
+                                 dimension_numbers=_dn(x.shape, w.shape), precision=precision,
+                                 preferred_element_type=wide)
     if b is not None:
         y = y + b.astype(y.dtype)
-    return jnp.maximum(y, 0) if relu else y
+    y = jnp.maximum(y, 0) if relu else y
+    return y.astype(x.dtype)
 
 
 def _lax_bwd_data(dy, w, *, geom, x_hw, precision, strict=False):
@@ -310,14 +317,14 @@ def _eager(prim, *args, **params):
     return jax.jit(functools.partial(prim.bind, **params))(*args)
 
 
-def _lowering(onednn_impl, lax_impl, multiple_results=False):
+def _lowering(onednn_impl, lax_impl, cpu_fallback, multiple_results=False):
     def cpu(ctx, *args, geom, strict, **params):
         x_dtype = ctx.avals_in[0].dtype
         why = _runs_on_onednn(x_dtype, geom)
         if why and strict:
             raise ValueError(f"conv='onednn' cannot run this convolution here: {why}; "
                              "use conv='auto' (XLA's convolution where oneDNN cannot run)")
-        impl = lax_impl if why else onednn_impl
+        impl = cpu_fallback if why else onednn_impl
         return mlir.lower_fun(functools.partial(impl, geom=geom, **params),
                               multiple_results)(ctx, *args)
 
@@ -330,16 +337,20 @@ def _lowering(onednn_impl, lax_impl, multiple_results=False):
     return cpu, other
 
 
-for _p, _abstract, _onednn, _lax, _multi in [
-        (conv_p, _conv_abstract, _onednn_conv, _lax_conv, False),
-        (bwd_data_p, _bwd_data_abstract, _onednn_bwd_data, _lax_bwd_data, False),
-        (bwd_weights_p, _bwd_weights_abstract, _onednn_bwd_weights, _lax_bwd_weights, True)]:
+# On a CPU without oneDNN kernels for the dtype (bf16 without AVX-512), conv_p still rounds once,
+# as oneDNN does; on GPU/TPU it is flax's convolution exactly (conv="xla" runs that on CPU too).
+for _p, _abstract, _onednn, _lax, _cpu_fallback, _multi in [
+        (conv_p, _conv_abstract, _onednn_conv, _lax_conv,
+         functools.partial(_lax_conv, round_once=True), False),
+        (bwd_data_p, _bwd_data_abstract, _onednn_bwd_data, _lax_bwd_data, _lax_bwd_data, False),
+        (bwd_weights_p, _bwd_weights_abstract, _onednn_bwd_weights, _lax_bwd_weights,
+         _lax_bwd_weights, True)]:
     _p.def_abstract_eval(_abstract)
     _p.def_impl(functools.partial(_eager, _p))
     # The CPU lowering partitions along the batch (custom_partitioning), which needs the
     # devices: so does any program holding these, as for JAX's own cuDNN attention primitives.
     dispatch.prim_requires_devices_during_lowering.add(_p)
-    _cpu, _other = _lowering(_onednn, _lax, _multi)
+    _cpu, _other = _lowering(_onednn, _lax, _cpu_fallback, _multi)
     mlir.register_lowering(_p, _cpu, platform="cpu")
     mlir.register_lowering(_p, _other)
 
