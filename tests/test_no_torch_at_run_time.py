@@ -1,6 +1,7 @@
 """torch is never imported at JAX run time: a process where ``import torch`` (and torchvision)
 fails loads a saved checkpoint, runs the forward pass and the ``classify`` CLI, and ends with no
-torch module loaded. (torch is only needed to convert weights.)"""
+torch module loaded; the trainer's metric writer does not import torch even where it could.
+(torch is only needed to convert weights.)"""
 import os
 import subprocess
 import sys
@@ -50,3 +51,27 @@ def test_load_forward_and_classify_without_torch(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "NO TORCH OK" in p.stdout and "1. " in p.stdout, p.stdout
+
+
+_METRICS = r"""
+import sys
+from pathlib import Path
+from train.metrics import MetricWriter
+writer = MetricWriter(Path(sys.argv[1]), active=True, resume_step=0)
+writer.write(1, {"loss": 2.5})
+writer.close()
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))
+assert not loaded, loaded[:5]
+print("NO TORCH OK")
+"""
+
+
+def test_trainer_metrics_do_not_import_torch(tmp_path):
+    """The trainer's TensorBoard writer (tensorboardX imports torch whenever it is installed,
+    0.7 GB and 1.7 s here) leaves torch out, with torch installed and importable."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", _METRICS, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "NO TORCH OK" in p.stdout, p.stderr[-3000:]
+    assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 1, "loss": 2.5}'
+    assert list(tmp_path.glob("events.out.tfevents.*"))
