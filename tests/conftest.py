@@ -1,5 +1,7 @@
 """Shared fixtures. Expensive things (torchvision models, converted weights) are session-scoped."""
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -9,6 +11,24 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # that builds hundreds of models grew to 15 GB (two of them exhausted 24 GB). The tests of the
 # tuning run their own processes (tests/test_bench.py).
 os.environ.setdefault("VGG_FLAX_MALLOC", "default")
+
+# One persistent compilation cache for the whole run: both pytest-xdist workers and every CLI
+# subprocess (they inherit the environment) read a program another test already compiled. A
+# tiny VGG's init alone takes ~10 s to compile here (each parameter's threefry draw is its own
+# ~0.5 s fusion) and dozens of tests build the same ones. The controller creates it (workers
+# start after this runs) and removes it at the end. Multi-device programs holding oneDNN
+# convolutions are never served from it (their custom_partitioning key is per process).
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="vgg_flax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+else:
+    _CACHE = None
+
+
+def pytest_unconfigure(config):
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 # The heaviest modules first (seconds on 2 shared cores, measured with --durations=0), so that

@@ -77,6 +77,7 @@ def tiny_config(data_dir, **kw):
     c.update(data_dir=str(data_dir), batch_size=8, eval_batch_size=8, total_steps=2,
              checkpoint_every_steps=2, eval_every_steps=2, log_every_steps=1, **kw)
     c.schedule.warmup_steps = 1
+    c.mesh.data = 1  # about the data: one device (sharding is test_train's)
     return c
 
 
@@ -189,8 +190,12 @@ def run(tree, tmp_path_factory):
     compile, the same code path."""
     tmp = tmp_path_factory.mktemp("run")
     module = vgg_flax.create("vgg11", num_classes=5, **TINY)
-    variables = jax.jit(module.init)(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
-    src = vgg_flax.save(tmp / "converted", jax.device_get(variables), "vgg11", module=module)
+    # any values will do (numpy's: compiling the model's initialiser takes ~10 s here)
+    rng = np.random.default_rng(3)
+    variables = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
+                             jax.eval_shape(module.init, jax.random.key(3),
+                                            jnp.zeros((1, 32, 32, 3))))
+    src = vgg_flax.save(tmp / "converted", variables, "vgg11", module=module)
     c = tiny_config(tree, init_from=str(src), learning_rate=0.01, model="vgg11")
     logger = logging.getLogger("vgg_flax.train")
     records = []

@@ -19,7 +19,7 @@ def small():
     """A VGG-11 at 1/4 width for 1-channel 32x32 images, and its variables."""
     model = vgg_flax.create("vgg11_bn", **SMALL)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 1)), jnp.float32)
-    return model, model.init(jax.random.key(0), x), x
+    return model, jax.jit(model.init)(jax.random.key(0), x), x  # one program, not one per op
 
 
 def test_names_classes_and_metadata():

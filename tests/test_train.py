@@ -18,24 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "train" / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs that compile the same program (a resume, a rerun) read it from a persistent cache,
-    as a restarted job does with JAX_COMPILATION_CACHE_DIR."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    path = tmp_path_factory.getbasetemp() / "jax_cache"
-    for k, v in zip(keys, (str(path), 0.0, 0)):
-        jax.config.update(k, v)
-    cc.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
 def tiny(name="digits", **kw):
     """A config file's recipe on a tiny VGG and 32x32 crops (the recipe is what is under test)."""
     c = trainer.load_config(CONFIGS / f"{name}.py")
@@ -54,13 +36,20 @@ def tiny(name="digits", **kw):
     return c
 
 
+# For runs whose point is not sharding (the trained fixture, the fallback, accumulation and
+# the equivalence tests keep all 8 devices).
+ONE_DEVICE = {"mesh.data": 1}
+
+
 def params_of(result):
     return jax.tree.map(np.asarray, jax.device_get(result["state"]["params"]))
 
 
 @pytest.mark.parametrize("name", ["imagenet_vgg11", "imagenet_vgg16", "imagenet_vgg16_bn"])
 def test_one_real_step_per_config(name, tmp_path):
-    c = tiny(name, total_steps=1, eval_every_steps=1, checkpoint_every_steps=1)
+    # one device: the recipe is under test here, sharding in test_sharding_matches_one_device
+    # (8 devices would double the compile time with oneDNN's partitioning callbacks)
+    c = tiny(name, total_steps=1, eval_every_steps=1, checkpoint_every_steps=1, **ONE_DEVICE)
     with tfds.testing.mock_data(num_examples=40):
         result = trainer.train_and_evaluate(c, tmp_path)
     assert result["status"] == "done" and result["step"] == 1
@@ -200,7 +189,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     """Warmup from 0 to lr 1e12: step 1 is fine (lr 0) and checkpointed, then it explodes."""
     c = tiny("digits", total_steps=40, checkpoint_every_steps=1, eval_every_steps=100,
-             learning_rate=1e12)
+             learning_rate=1e12, **ONE_DEVICE)
     with pytest.raises(trainer.TrainingDiverged, match="not finite at step") as e:
         trainer.train_and_evaluate(c, tmp_path)
     bad = int(str(e.value).split("not finite at step ")[1].split(":")[0])
@@ -219,7 +208,7 @@ def test_plateau_divides_lr_and_only_n_checkpoints_are_kept(tmp_path, caplog):
     keeps top-1 flat (vgg11: no BatchNorm statistics to drift), so after patience=1 stalled evaluations the rate drops by 10, and again
     after the next ones. keep_checkpoints=2 of 6 saves leaves exactly the last two."""
     c = tiny("digits", model="vgg11", total_steps=6, checkpoint_every_steps=1, eval_every_steps=1,
-             keep_checkpoints=2, learning_rate=1e-9, **{
+             keep_checkpoints=2, learning_rate=1e-9, **ONE_DEVICE, **{
                  "schedule.name": "plateau", "schedule.warmup_steps": 0,
                  "schedule.plateau_patience": 1, "schedule.plateau_factor": 0.1,
                  "schedule.plateau_cooldown": 0})
@@ -279,6 +268,14 @@ def test_corrupt_latest_checkpoint_falls_back(trained, tmp_path, caplog):
         np.testing.assert_array_equal(a, b)
 
 
+def random_variables(module, x, seed):
+    """A model's variables with random values (numpy): what warm_start copies into. The model's
+    own initialiser, run eagerly, would compile one program per parameter shape (~3 s each)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+    return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), dict(shapes))
+
+
 def test_export_and_warm_start(trained, tmp_path, caplog):
     workdir, result = trained
     out = trainer.export(workdir, tmp_path / "exported")
@@ -294,14 +291,14 @@ def test_export_and_warm_start(trained, tmp_path, caplog):
     with pytest.raises(FileExistsError):
         trainer.export(workdir, out)
     # fine-tuning to another label set: fc8 re-initialised, everything else copied
-    fresh = jax.device_get(dict(module.clone(num_classes=7).init(jax.random.key(1), x)))
+    fresh = random_variables(module.clone(num_classes=7), x, seed=1)
     warm, notes = trainer.warm_start(fresh, str(out))
     assert any("fc8 re-initialised" in n for n in notes)
     np.testing.assert_array_equal(warm["params"]["fc7"]["kernel"], variables["params"]["fc7"]["kernel"])
     np.testing.assert_array_equal(warm["params"]["fc8"]["kernel"], fresh["params"]["fc8"]["kernel"])
     # the paper's deeper-net init: vgg11's conv1_1, conv2_1, conv3_1, conv3_2 and FCs into vgg13
     deep = vgg_flax.create("vgg13_bn", num_classes=10, width=0.125, hidden_size=16, pool_size=(1, 1))
-    dv = jax.device_get(dict(deep.init(jax.random.key(0), x)))
+    dv = random_variables(deep, x, seed=0)
     warm, _ = trainer.warm_start(dv, str(out), "paper")
     for layer in trainer.PAPER_INIT_LAYERS:
         np.testing.assert_array_equal(warm["params"][layer]["kernel"], variables["params"][layer]["kernel"])
@@ -310,8 +307,9 @@ def test_export_and_warm_start(trained, tmp_path, caplog):
         trainer.warm_start(dv, str(out), "conv1_2")
     # through the trainer: the warmup's first learning rate is 0, so step 1 holds the export
     with caplog.at_level(logging.INFO, logger="vgg_flax.train"):
-        trainer.train_and_evaluate(tiny("digits", total_steps=4, checkpoint_every_steps=1, keep_checkpoints=5,
-                                        init_from=str(out)), tmp_path / "warm")
+        trainer.train_and_evaluate(tiny("digits", total_steps=4, checkpoint_every_steps=1,
+                                        keep_checkpoints=5, init_from=str(out), **ONE_DEVICE),
+                                   tmp_path / "warm")
     assert "warm start from" in caplog.text
     _, _, v1, _ = trainer.restore_variables(tmp_path / "warm", step=1)
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(v1["params"])):
@@ -351,7 +349,7 @@ def test_bf16_training_follows_fp32(tmp_path):
     cosine >= 0.99 with the fp32 update and the whole update's relative error is <= 2e-2
     (bf16 keeps 8 mantissa bits; measured 3.4e-3 and worst cosine 0.998)."""
     def run(name, dtype):
-        c = tiny("digits", model="vgg11", compute_dtype=dtype, **CONSTANT_LR)
+        c = tiny("digits", model="vgg11", compute_dtype=dtype, **CONSTANT_LR, **ONE_DEVICE)
         c.model_overrides.dropout_rate = 0.0
         return run_steps(c, 2, tmp_path / name)
     (i32, p32), (i16, p16) = run("fp32", "float32"), run("bf16", "bfloat16")

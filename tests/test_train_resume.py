@@ -13,11 +13,17 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 import pytest
 
-from test_train import compilation_cache, tiny  # noqa: F401  (module fixture)
+import test_train
 from train import trainer
 from train import train as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(name, **kw):
+    """test_train's tiny recipe on one device: these runs are about the checkpoints, and their
+    programs are then served from the run's persistent compilation cache on each resume."""
+    return test_train.tiny(name, **{**test_train.ONE_DEVICE, **kw})
 
 
 @pytest.fixture(scope="module")

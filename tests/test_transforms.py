@@ -23,8 +23,10 @@ IMPLS = ["auto", "xla"]
 RTOL = 1e-5
 
 
+@jax.jit
 def randomize(variables, seed=0):
-    """Every leaf random: kernels at He scale, biases and BN statistics visibly non-zero."""
+    """Every leaf random: kernels at He scale, biases and BN statistics visibly non-zero.
+    (Jitted: one program draws every leaf; eagerly, each new shape compiles its own ~1.5 s.)"""
     leaves, tree = jax.tree.flatten_with_path(variables)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     out = []
@@ -42,11 +44,13 @@ def randomize(variables, seed=0):
 
 @pytest.fixture(scope="module")
 def net():
-    """A small VGG-11 (both 2x2 pools, fc6-fc8) with random non-zero parameters."""
+    """A small VGG-11 (both 2x2 pools, fc6-fc8) with random non-zero parameters (every leaf is
+    drawn, so the model's own initialiser is not run: only its shapes are needed)."""
     model = vgg_flax.create("vgg11", width=1 / 8, hidden_size=16, num_classes=4,
                             pool_size=(1, 1), dropout_rate=0.0)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = randomize(jax.jit(model.init)(jax.random.key(0), x))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    variables = randomize(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes))
     return model, variables["params"], x
 
 
@@ -63,7 +67,9 @@ def loss_fn(net, impl):
         f(params, x), labels).mean()
 
 
+@jax.jit
 def like(tree, seed):
+    """Normal values shaped like ``tree`` (the seed is traced: one program per tree shape)."""
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape, a.dtype)
@@ -144,16 +150,19 @@ def test_vmap_equals_a_loop(net, impl):
     f, loss = logits_fn(net, impl), loss_fn(net, impl)
     xs = jnp.stack([x, -x, 2 * x])
     dxs = like(xs, 7)
+    # the loops run one example at a time through jitted functions (eagerly, every primitive
+    # of the network and its derivative would compile on its own)
+    one_jvp = lambda a, d: jax.jvp(lambda a: f(params, a), (a,), (d,))[1]  # noqa: E731
+    f1, jvp1, grad1 = jax.jit(f), jax.jit(one_jvp), jax.jit(jax.grad(loss))
     with jax.default_matmul_precision("highest"):
         close(jax.jit(jax.vmap(f, (None, 0)))(params, xs),
-              jnp.stack([f(params, a) for a in xs]), what="vmap forward")
-        jvps = jax.jit(jax.vmap(lambda a, d: jax.jvp(lambda a: f(params, a), (a,), (d,))[1]))
-        close(jvps(xs, dxs), jnp.stack([jax.jvp(lambda a: f(params, a), (a,), (d,))[1]
-                                        for a, d in zip(xs, dxs)]), what="vmap jvp")
+              jnp.stack([f1(params, a) for a in xs]), what="vmap forward")
+        close(jax.jit(jax.vmap(one_jvp))(xs, dxs),
+              jnp.stack([jvp1(a, d) for a, d in zip(xs, dxs)]), what="vmap jvp")
         # per-example gradients: the weight gradient must not sum over the mapped axis
         per_example = jax.jit(jax.vmap(jax.grad(loss), (None, 0)))(params, xs)
         for i, a in enumerate(xs):
-            close(jax.tree.map(lambda g: g[i], per_example), jax.grad(loss)(params, a),
+            close(jax.tree.map(lambda g: g[i], per_example), grad1(params, a),
                   what=f"per-example grad {i}")
 
 
