@@ -71,8 +71,13 @@ def torch_reference(name: str, module, in_channels: int = 3):
             raise ConversionError("verification supports the standard SSD300 backbone only; "
                                   "pass --no-verify")
         from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
-        torch.manual_seed(0)  # SSD's extra blocks 1-4 are not VGG: random, and not compared
-        return SSDFeatureExtractorVGG(torchvision.models.vgg16().features, highres=False).eval()
+        # The backbone on the meta device (its weights are assigned from the file: building
+        # vgg16 on the CPU would initialise 138M parameters only to drop them); SSD's extra
+        # blocks 1-4 are not VGG: real, random, and not compared.
+        with torch.device("meta"):
+            features = torchvision.models.vgg16().features
+        torch.manual_seed(0)
+        return SSDFeatureExtractorVGG(features, highres=False).eval()
     variant = arch.VARIANTS[name]
     base = registry.create(name)
     std = ("cfg", "batch_norm", "width", "hidden_size", "pool_size", "include_top", "bn_epsilon",
