@@ -102,6 +102,7 @@ TORCHVISION_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 def torchvision_model(name: str, num_classes: int, width: float):
     """torchvision's model; under a width multiplier, torchvision's own VGG and make_layers on
     the scaled channel counts (as vgg_flax scales them), fc6 taking the narrower features."""
+    import torch
     import torchvision
     from torch import nn
     from torchvision.models import vgg as tv
@@ -110,8 +111,14 @@ def torchvision_model(name: str, num_classes: int, width: float):
         return torchvision.models.get_model(name, num_classes=num_classes)
     letter = TORCHVISION_CFG[name.removesuffix("_bn")]
     cfg = [v if v == "M" else scale(v, width) for v in tv.cfgs[letter]]
-    model = tv.VGG(tv.make_layers(cfg, batch_norm=name.endswith("_bn")), num_classes=num_classes)
-    model.classifier[0] = nn.Linear(cfg[-2] * 7 * 7, model.classifier[0].out_features)
+    with torch.device("meta"):  # VGG() would first initialise the full-size fc6 (103M weights)
+        model = tv.VGG(tv.make_layers(cfg, batch_norm=name.endswith("_bn")),
+                       num_classes=num_classes, init_weights=False)
+        model.classifier[0] = nn.Linear(cfg[-2] * 7 * 7, model.classifier[0].out_features)
+    model = model.to_empty(device="cpu")
+    for m in model.modules():  # torch's default initialisation (values do not change timings)
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
     return model
 
 
