@@ -229,3 +229,42 @@ def test_batch_sharded_convolution_partitions_along_the_batch():
     out = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+SHARED_KEY = textwrap.dedent("""
+    import os, warnings
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from vgg_flax import onednn
+    jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.device_put(jnp.ones((2, 8, 8, 4)), NamedSharding(mesh, P("data")))
+    w = jnp.ones((3, 3, 4, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hlo = jax.jit(lambda x, w: onednn.conv(x, w, padding=((1, 1), (1, 1)))).lower(
+            x, w).compile().as_text()
+    assert "vgg_flax_conv" not in hlo and "convolution" in hlo, "oneDNN kept"
+    assert any("jax_remove_custom_partitioning_ptr_from_cache_key" in str(c.message)
+               for c in caught), [str(c.message) for c in caught]
+    one = jax.jit(lambda x, w: onednn.conv(x, w, padding=((1, 1), (1, 1)))).lower(
+        jnp.ones((2, 8, 8, 4)), w).compile().as_text()
+    assert "vgg_flax_conv" in one  # one device: no partitioner, nothing behind a pointer
+    try:
+        jax.jit(lambda x, w: onednn.conv(x, w, padding=((1, 1), (1, 1)), impl="onednn")).lower(
+            x, w).compile()
+        raise SystemExit("impl='onednn' did not refuse")
+    except ValueError as e:
+        assert "unset it" in str(e), e
+    print("ok")
+""")
+
+
+def test_a_cache_key_without_the_partitioner_falls_back_to_xla():
+    """With jax_remove_custom_partitioning_ptr_from_cache_key set, two partitioned convolutions
+    that differ only in padding shared a persistent-cache entry (wrong results): over several
+    devices the convolution then runs on XLA's, with a warning; conv='onednn' refuses."""
+    out = subprocess.run([sys.executable, "-c", SHARED_KEY], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -33,6 +33,7 @@ import ctypes
 import functools
 import importlib.metadata
 import importlib.util
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -317,10 +318,34 @@ def _eager(prim, *args, **params):
     return jax.jit(functools.partial(prim.bind, **params))(*args)
 
 
+_SHARED_KEY_WHY = ("jax_remove_custom_partitioning_ptr_from_cache_key is set: oneDNN's batch "
+                   "partitioning keeps the convolution's geometry behind that pointer, so two "
+                   "convolutions could share a persistent cache entry; unset it to use oneDNN "
+                   "on several devices")
+
+
+def _partitioning_key_unsafe(ctx) -> bool:
+    """Whether this convolution would be partitioned (several devices, not all manual) while
+    JAX leaves the partitioner out of the persistent cache key: a cached program could then
+    run another geometry's convolution (measured: two paddings, one entry, wrong results)."""
+    if not jax.config.jax_remove_custom_partitioning_ptr_from_cache_key:
+        return False
+    context = ctx.module_context.axis_context
+    mesh = getattr(context, "mesh", None)
+    if mesh is not None:  # inside shard_map: fully manual runs the call as it is
+        return mesh.size > 1 and set(context.manual_axes) != set(mesh.axis_names)
+    return getattr(context, "num_devices", 1) > 1
+
+
 def _lowering(onednn_impl, lax_impl, cpu_fallback, multiple_results=False):
     def cpu(ctx, *args, geom, strict, **params):
         x_dtype = ctx.avals_in[0].dtype
         why = _runs_on_onednn(x_dtype, geom)
+        if not why and _partitioning_key_unsafe(ctx):
+            why = _SHARED_KEY_WHY
+            if not strict:
+                warnings.warn(f"vgg_flax: XLA's convolution instead of oneDNN ({why})",
+                              stacklevel=2)
         if why and strict:
             raise ValueError(f"conv='onednn' cannot run this convolution here: {why}; "
                              "use conv='auto' (XLA's convolution where oneDNN cannot run)")

@@ -60,10 +60,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 
     Default directory: ``$VGG_FLAX_CACHE/xla`` or ``~/.cache/vgg_flax/xla``. Programs over
     several devices that hold oneDNN convolutions are compiled again in each process: JAX keys
-    their batch partitioning (``custom_partitioning``) by a per-process pointer. Do not set
-    ``jax_remove_custom_partitioning_ptr_from_cache_key`` to work around it: the convolution's
-    geometry lives behind that pointer, and two convolutions that differ only in padding then
-    share a cache entry (measured: wrong results).
+    their batch partitioning (``custom_partitioning``) by a per-process pointer. With
+    ``jax_remove_custom_partitioning_ptr_from_cache_key`` set, such convolutions run on XLA's
+    instead, with a warning: the geometry lives behind that pointer, and two convolutions that
+    differ only in padding shared one cache entry (measured: wrong results).
     """
     root = os.environ.get("VGG_FLAX_CACHE")
     path = Path(path or (Path(root) / "xla" if root else Path.home() / ".cache/vgg_flax/xla"))
