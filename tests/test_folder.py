@@ -21,6 +21,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import vgg_flax
+from test_train import random_variables
 from train import folder, input_pipeline, trainer
 from vgg_flax.preprocess import load_image, preprocess
 
@@ -191,10 +192,7 @@ def run(tree, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     module = vgg_flax.create("vgg11", num_classes=5, **TINY)
     # any values will do (numpy's: compiling the model's initialiser takes ~10 s here)
-    rng = np.random.default_rng(3)
-    variables = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
-                             jax.eval_shape(module.init, jax.random.key(3),
-                                            jnp.zeros((1, 32, 32, 3))))
+    variables = random_variables(module, jnp.zeros((1, 32, 32, 3)), seed=3, scale=0.05)
     src = vgg_flax.save(tmp / "converted", variables, "vgg11", module=module)
     c = tiny_config(tree, init_from=str(src), learning_rate=0.01, model="vgg11")
     logger = logging.getLogger("vgg_flax.train")

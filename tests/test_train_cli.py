@@ -22,7 +22,7 @@ TINY = ["--config.model_overrides.width=0.125", "--config.model_overrides.hidden
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
     # One device: these runs are about the process (signals, exit codes, resume), and their
     # programs then come from the run's persistent cache (tests/conftest.py), which cannot serve
     # multi-device programs holding oneDNN convolutions. Sharded resume is test_train's
@@ -142,16 +142,12 @@ TWO_PROCESS_ARGS = {"total_steps": 3, "checkpoint_every_steps": 3, "eval_every_s
 
 def tiny_config(**overrides):
     """The config the CLI builds from TINY and ``--config.KEY=VALUE`` for ``overrides``."""
+    from test_train import set_keys
     c = trainer.load_config(ROOT / "train" / "configs" / "digits.py")
     c.model_overrides.update(width=0.125, hidden_size=16)
     c.update(batch_size=16, eval_batch_size=40, log_every_steps=1)
     c.input.num_threads = 1
-    for key, value in overrides.items():
-        node, (*parents, leaf) = c, key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, **overrides)
 
 
 def test_two_processes_equal_one_process_four_devices(env, tmp_path):
@@ -187,8 +183,9 @@ def test_two_processes_equal_one_process_four_devices(env, tmp_path):
     diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     print(f"\n2 processes vs 1 process: max |param diff| after 3 steps = {diff:.2e}")
     from test_train import BN_FROZEN, assert_equivalent
-    assert_equivalent({"params": a["params"]}, {"params": b["params"]}, initial_params(config, tmp_path / "init"),
-                      1e-6, "2 processes vs 1 process", frozen=BN_FROZEN)
+    init = initial_params(config, tmp_path / "init")
+    assert_equivalent({"params": a["params"]}, {"params": b["params"]}, init, 1e-6,
+                      "2 processes vs 1 process", frozen=BN_FROZEN)
     assert_same(a, b, atol=1e-6)  # batch statistics too
     final = next(l for l in outs[0][0].splitlines() if l.startswith("final:")).split(",")[1]
     assert final == f" {config.eval_split} top-1 {one['eval_top1']:.2%}"  # same eval top-1
