@@ -1,6 +1,7 @@
 """The model library's API: construction, errors, taps, initialisation, save/load, NNX."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +147,26 @@ def test_init_distribution_follows_torchvision():
     ssd = jax.eval_shape(vgg_flax.create("vgg16_ssd").init, jax.random.key(0),
                          jnp.zeros((1, 300, 300, 3)))
     assert ssd["params"]["conv4_3_norm"]["scale"].shape == (512,)
+
+
+def test_initialisers_are_flax_laws_bit_for_bit():
+    """The kernel initialisers draw (kh kw, in, out) and reshape it (cheaper to compile):
+    the values must be exactly those of the flax laws they stand for, in fp32 and bf16."""
+    from vgg_flax.model import conv_init, ssd_conv_init
+    laws = [(conv_init, nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
+            (ssd_conv_init, nn.initializers.xavier_uniform())]
+    shapes = [(3, 3, 5, 7), (1, 1, 6, 4), (7, 7, 3, 2)]
+
+    @jax.jit
+    def draws(key):
+        return [(ours(k, s, d), flax_law(k, s, d)) for (ours, flax_law) in laws for s in shapes
+                for d in (jnp.float32, jnp.bfloat16)
+                for k in [jax.random.fold_in(key, sum(s))]]
+
+    for ours, ref in draws(jax.random.key(3)):
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+        assert float(jnp.abs(ref.astype(jnp.float32)).max()) > 0
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
 
 
 def test_ssd_l2norm_init_is_20():

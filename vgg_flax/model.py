@@ -21,9 +21,42 @@ Array = jax.Array
 # torchvision's VGG._initialize_weights: kaiming normal (fan_out, ReLU gain) for convolutions,
 # N(0, 0.01) for linear layers, zeros for biases. SSD's conv6/conv7 are Xavier-uniform. Which
 # law a layer follows is data: ``arch.Layer.init``.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-ssd_conv_init = nn.initializers.xavier_uniform()
-fc_init = nn.initializers.normal(stddev=0.01)
+
+
+def _kernel_draw(sample, key: Array, shape: Sequence[int], dtype: Any) -> Array:
+    """``sample(key, shape, dtype)`` for an HWIO kernel, drawn as (kh kw, in, out) and reshaped.
+
+    The same bits as drawing ``shape`` directly (threefry's counter is an element's row-major
+    index), but XLA:CPU compiles a 4-D threefry loop nest ~1.8x slower than a 3-D one, once per
+    distinct kernel shape: that was most of a first ``jax.jit(model.init)`` (tiny vgg11: 5 -> 3 s).
+    Only the spatial axes merge: FSDP shards a kernel's input or output channels
+    (train/sharding.py), and a sharded init must keep that axis whole to give one device's values
+    bit for bit (merging in and out as well compiles faster still, but the resharding changed a
+    few ulps: tests/test_train.py::test_sharding_matches_one_device).
+    """
+    shape = tuple(shape)
+    if len(shape) <= 3:
+        return sample(key, shape, dtype)
+    return sample(key, (math.prod(shape[:-2]),) + shape[-2:], dtype).reshape(shape)
+
+
+def conv_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    """torch's ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` for an HWIO kernel:
+    N(0, 2 / (kh kw out)); the values of flax's ``variance_scaling(2.0, "fan_out", "normal")``."""
+    variance = jnp.array(2.0 / (math.prod(shape[:-2]) * shape[-1]), dtype)
+    return _kernel_draw(jax.random.normal, key, shape, dtype) * jnp.sqrt(variance)
+
+
+def ssd_conv_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    """Xavier-uniform for an HWIO kernel: U(-a, a), a = sqrt(6 / (kh kw (in + out))); the values
+    of flax's ``xavier_uniform()``."""
+    field = math.prod(shape[:-2])
+    variance = jnp.array(1.0 / ((field * shape[-2] + field * shape[-1]) / 2), dtype)
+    draw = _kernel_draw(lambda k, s, d: jax.random.uniform(k, s, d, -1), key, shape, dtype)
+    return draw * jnp.sqrt(3 * variance)
+
+
+fc_init = nn.initializers.normal(stddev=0.01)  # (in, out) kernels: already a matrix draw
 INITS = {"kaiming": conv_init, "xavier": ssd_conv_init, "fc": fc_init}
 
 
