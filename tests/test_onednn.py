@@ -55,10 +55,10 @@ def test_forward_and_gradients_equal_lax(geometry, dtype, bias):
     (a few ulps of accumulation order); bf16: within bf16's rounding (2^-8) of the f32 result of
     the same bf16 values, for y, dx, dw (and with the bias folded in, db)."""
     xs, ws, strides, padding, dil = geometry
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(k1, xs).astype(dtype)
-    w = (jax.random.normal(k2, ws) / np.sqrt(np.prod(ws[:3]))).astype(dtype)
-    b = jax.random.normal(k4, ws[3:]).astype(dtype)
+    rng = np.random.default_rng(0)  # numpy: eager jax.random compiles a sampler per shape
+    x = jnp.asarray(rng.standard_normal(xs, np.float32)).astype(dtype)
+    w = jnp.asarray(rng.standard_normal(ws, np.float32) / np.sqrt(np.prod(ws[:3]))).astype(dtype)
+    b = jnp.asarray(rng.standard_normal(ws[3:], np.float32)).astype(dtype)
 
     def ours(x, w, b):
         return onednn.conv(x, w, b if bias else None, strides=strides, padding=padding,
@@ -73,7 +73,7 @@ def test_forward_and_gradients_equal_lax(geometry, dtype, bias):
     hlo = jax.jit(ours).lower(x, w, b).compile().as_text()
     assert ("vgg_flax_conv" in hlo) == onednn.cpu_supports(dtype)
     y, vjp = jax.vjp(jax.jit(ours), x, w, b)
-    g = jax.random.normal(k3, y.shape).astype(dtype)
+    g = jnp.asarray(rng.standard_normal(y.shape, np.float32)).astype(dtype)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     y_ref, vjp_ref = jax.vjp(jax.jit(ref), f32(x), f32(w), f32(b))  # jitted: not op by op
     tol = 1e-5 if dtype == "float32" else 2 ** -8
@@ -125,10 +125,10 @@ def test_same_padding_string_and_implementations():
 def test_mixed_dtypes_round_the_kernel_inside():
     """bf16 activations with float32 kernel and bias (what a bf16 model with float32 parameters
     runs): the same as rounding the kernel to bf16 first, gradients in the parameters' dtype."""
-    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-    x = jax.random.normal(k1, (2, 8, 8, 16)).astype(jnp.bfloat16)
-    w = jax.random.normal(k2, (3, 3, 16, 8)) * 0.1
-    b = jax.random.normal(k3, (8,))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16), np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 8), np.float32) * 0.1)
+    b = jnp.asarray(rng.standard_normal((8,), np.float32))
     f = lambda x, w, b: onednn.conv(x, w, b, padding="SAME")  # noqa: E731
     y, vjp = jax.vjp(f, x, w, b)
     assert y.dtype == jnp.bfloat16
@@ -158,8 +158,9 @@ def test_mixed_dtypes_round_the_kernel_inside():
 
 def test_vmap_and_remat():
     """vmap over images, kernels or both, per-example gradients; jax.checkpoint recomputes."""
-    x = jax.random.normal(jax.random.key(1), (3, 2, 6, 6, 4))
-    w = jax.random.normal(jax.random.key(2), (3, 3, 4, 5))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 4), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 4, 5), np.float32))
     f = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn(x, w))
     ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
@@ -200,10 +201,11 @@ SHARDED = textwrap.dedent("""
             return jnp.sum(jnp.tanh(z)), y
         return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)
 
-    x = jax.random.normal(jax.random.key(0), (8, 10, 10, 8))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.1
-    w2 = jax.random.normal(jax.random.key(2), (3, 3, 16, 16)) * 0.1
-    b = jax.random.normal(jax.random.key(3), (16,))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 10, 10, 8), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 16), np.float32) * 0.1)
+    w2 = jnp.asarray(rng.standard_normal((3, 3, 16, 16), np.float32) * 0.1)
+    b = jnp.asarray(rng.standard_normal((16,), np.float32))
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "model")))  # FSDP-like

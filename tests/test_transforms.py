@@ -23,23 +23,22 @@ IMPLS = ["auto", "xla"]
 RTOL = 1e-5
 
 
-@jax.jit
 def randomize(variables, seed=0):
     """Every leaf random: kernels at He scale, biases and BN statistics visibly non-zero.
-    (Jitted: one program draws every leaf; eagerly, each new shape compiles its own ~1.5 s.)"""
-    leaves, tree = jax.tree.flatten_with_path(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = []
-    for k, (path, leaf) in zip(keys, leaves):
+    (numpy: jax.random compiles a sampler per leaf shape, ~7 s for this tree.)"""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
         name = jax.tree_util.keystr(path)
         if leaf.ndim >= 2:
-            v = jax.random.normal(k, leaf.shape) * math.sqrt(2 / math.prod(leaf.shape[:-1]))
+            v = rng.standard_normal(leaf.shape) * math.sqrt(2 / math.prod(leaf.shape[:-1]))
         elif "var" in name:
-            v = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
+            v = rng.uniform(0.5, 2.0, leaf.shape)
         else:
-            v = jax.random.normal(k, leaf.shape) * 0.1 + (1.0 if "scale" in name else 0.0)
-        out.append(v.astype(leaf.dtype))
-    return jax.tree.unflatten(jax.tree.structure(variables), out)
+            v = rng.standard_normal(leaf.shape) * 0.1 + (1.0 if "scale" in name else 0.0)
+        return jnp.asarray(v.astype(leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def net():
     drawn, so the model's own initialiser is not run: only its shapes are needed)."""
     model = vgg_flax.create("vgg11", width=1 / 8, hidden_size=16, num_classes=4,
                             pool_size=(1, 1), dropout_rate=0.0)
-    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3), np.float32))
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     variables = randomize(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes))
     return model, variables["params"], x
@@ -67,13 +66,10 @@ def loss_fn(net, impl):
         f(params, x), labels).mean()
 
 
-@jax.jit
 def like(tree, seed):
-    """Normal values shaped like ``tree`` (the seed is traced: one program per tree shape)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape, a.dtype)
-                                        for k, a in zip(keys, leaves)])
+    """Normal values shaped like ``tree`` (numpy: no sampler to compile per tree shape)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(a.dtype)), tree)
 
 
 def vdot(a, b):
@@ -257,11 +253,10 @@ def test_pool_gradient_behind_a_fused_relu_equals_torch(impl):
     """
     import torch
     from vgg_flax.model import max_pool_2x2
-    k = jax.random.split(jax.random.key(4), 4)
-    x = jax.random.normal(k[0], (2, 16, 16, 3))
-    w = jax.random.normal(k[1], (3, 3, 3, 64)) * 0.3
-    b = jax.random.normal(k[2], (64,)) * 0.1
-    r = jax.random.normal(k[3], (2, 8, 8, 64))
+    rng = np.random.default_rng(4)
+    x, r = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in [(2, 16, 16, 3), (2, 8, 8, 64)])
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 64), np.float32) * 0.3)
+    b = jnp.asarray(rng.standard_normal((64,), np.float32) * 0.1)
 
     def f(w, b):
         y = onednn.conv(x, w, b, padding=((1, 1), (1, 1)), relu=True, impl=impl)
