@@ -102,9 +102,15 @@ def torch_to_flax_array(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
     if entry.kind == "linear":
         return w.T
     if entry.kind == "fc6":
+        # (out, C*ph*pw) -> (ph*pw*C, out), in tiles of 16 output units: one strided copy of
+        # the whole 400 MB fc6 misses the cache on every element (0.8-1.6 s; tiled 0.22 s)
         ph, pw = module.pool_size
         out = w.shape[0]
-        return w.reshape(out, -1, ph, pw).transpose(2, 3, 1, 0).reshape(-1, out)
+        src = w.reshape(out, -1, ph, pw)
+        dst = np.empty((ph, pw, src.shape[1], out), w.dtype)
+        for i in range(0, out, 16):
+            dst[..., i:i + 16] = src[i:i + 16].transpose(2, 3, 1, 0)
+        return dst.reshape(-1, out)
     return w
 
 
@@ -114,9 +120,14 @@ def flax_to_torch_array(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
     if entry.kind == "linear":
         return w.T
     if entry.kind == "fc6":
+        # the inverse, gathering 64 output units at a time (0.85 s -> 0.40 s for fc6)
         ph, pw = module.pool_size
         out = w.shape[1]
-        return w.reshape(ph, pw, -1, out).transpose(3, 2, 0, 1).reshape(out, -1)
+        src = w.reshape(ph, pw, -1, out)
+        dst = np.empty((out, src.shape[2], ph, pw), w.dtype)
+        for i in range(0, out, 64):
+            dst[i:i + 64] = np.ascontiguousarray(src[..., i:i + 64]).transpose(3, 2, 0, 1)
+        return dst.reshape(out, -1)
     return w
 
 
