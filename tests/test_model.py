@@ -155,7 +155,7 @@ def test_initialisers_are_flax_laws_bit_for_bit():
     from vgg_flax.model import conv_init, ssd_conv_init
     laws = [(conv_init, nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
             (ssd_conv_init, nn.initializers.xavier_uniform())]
-    shapes = [(3, 3, 5, 7), (1, 1, 6, 4), (7, 7, 3, 2)]
+    shapes = [(3, 3, 5, 7), (1, 1, 6, 4)]  # each draw compiles its own sampler
 
     @jax.jit
     def draws(key):
