@@ -12,7 +12,6 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,8 +35,9 @@ def _script(name):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny saved vgg11 (10 classes), shared; cases copy it before damaging it."""
+    from test_train import random_variables  # values do not matter here: no init compile
     module = vgg_flax.create("vgg11", **TINY)
-    variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = random_variables(module, jnp.zeros((1, 32, 32, 3)), seed=0)
     return vgg_flax.save(tmp_path_factory.mktemp("ckpt") / "tiny", variables, "vgg11", module=module)
 
 

@@ -11,6 +11,7 @@ import torchvision
 
 import vgg_flax
 from torch_ref import TORCHVISION_NAMES, nhwc, torchvision_vgg
+from vgg_flax.model import init_compiler_options
 
 SMALL = dict(width=0.25, hidden_size=64, pool_size=(1, 1), num_classes=10)
 
@@ -20,7 +21,8 @@ def small():
     """A VGG-11 at 1/4 width for 1-channel 32x32 images, and its variables."""
     model = vgg_flax.create("vgg11_bn", **SMALL)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 1)), jnp.float32)
-    return model, jax.jit(model.init)(jax.random.key(0), x), x  # one program, not one per op
+    init = jax.jit(model.init, compiler_options=init_compiler_options())  # as the trainer does
+    return model, init(jax.random.key(0), x), x
 
 
 def test_names_classes_and_metadata():
@@ -150,23 +152,27 @@ def test_init_distribution_follows_torchvision():
 
 
 def test_initialisers_are_flax_laws_bit_for_bit():
-    """The kernel initialisers draw (kh kw, in, out) and reshape it (cheaper to compile):
-    the values must be exactly those of the flax laws they stand for, in fp32 and bf16."""
+    """The kernel initialisers draw (kh kw, in, out) and reshape it (cheaper to compile), and
+    the trainer compiles its init with ``init_compiler_options()`` (LLVM -O1 on CPU): the
+    values must still be exactly those of the flax laws they stand for, compiled with XLA's
+    defaults, in fp32 and bf16."""
     from vgg_flax.model import conv_init, ssd_conv_init
     laws = [(conv_init, nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
             (ssd_conv_init, nn.initializers.xavier_uniform())]
     shapes = [(3, 3, 5, 7), (1, 1, 6, 4)]  # each draw compiles its own sampler
 
-    @jax.jit
-    def draws(key):
-        return [(ours(k, s, d), flax_law(k, s, d)) for (ours, flax_law) in laws for s in shapes
-                for d in (jnp.float32, jnp.bfloat16)
-                for k in [jax.random.fold_in(key, sum(s))]]
+    def draws(which, key):
+        return [law[which](jax.random.fold_in(key, sum(s)), s, d) for law in laws for s in shapes
+                for d in (jnp.float32, jnp.bfloat16)]
 
-    for ours, ref in draws(jax.random.key(3)):
-        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    key = jax.random.key(3)
+    ours = jax.jit(lambda k: draws(0, k), compiler_options=init_compiler_options())(key)
+    refs = jax.jit(lambda k: draws(1, k))(key)
+    assert init_compiler_options() == {"xla_backend_optimization_level": 1}  # CPU here
+    for a, ref in zip(ours, refs, strict=True):
+        assert a.shape == ref.shape and a.dtype == ref.dtype
         assert float(jnp.abs(ref.astype(jnp.float32)).max()) > 0
-        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(ref, np.float32))
 
 
 def test_ssd_l2norm_init_is_20():

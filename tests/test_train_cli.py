@@ -192,10 +192,9 @@ def test_two_processes_equal_one_process_four_devices(env, tmp_path):
 
 
 def initial_params(config, workdir):
-    """The parameters a run of ``config`` starts from (its seed, initialised here)."""
-    setup, _, _ = trainer.prepare(config, workdir)
-    state = jax.jit(setup.init, out_shardings=setup.shardings)(jax.random.key(setup.config.seed))
-    return jax.tree.map(np.asarray, jax.device_get({"params": state["params"]}))
+    """The parameters a run of ``config`` starts from (its seed, initialised as the trainer does)."""
+    from test_train import run_steps
+    return {"params": run_steps(config, 0, workdir)[0]}
 
 
 def test_nan_loss_exits_3_in_one_line(env, tmp_path):

@@ -31,6 +31,7 @@ from train.state import Setup, make_plateau, plateau_from_json, plateau_to_json
 from train.steps import evaluate, global_batch, make_eval_step, make_train_step
 from train.validation import ConfigError, TrainingDiverged, resolved, validate
 from train.warm_start import warm_start
+from vgg_flax.model import init_compiler_options
 
 log = logging.getLogger("vgg_flax.train")
 
@@ -62,7 +63,7 @@ def _diverged(metrics, step: int, good: int | None, directory) -> TrainingDiverg
              "--config.learning_rate (or --config.optimizer.grad_clip_norm) and "
              "--config.allow_config_change=True to continue from it"
              if good is not None else
-             f"no checkpoint was saved before it; rerun with a lower --config.learning_rate "
+             "no checkpoint was saved before it; rerun with a lower --config.learning_rate "
              "(or --config.optimizer.grad_clip_norm)")
     return TrainingDiverged(f"{bad} not finite at step {step}: stopped; {where}")
 
@@ -75,7 +76,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     t_start = time.time()
     workdir = Path(workdir).absolute()
     setup, train_src, eval_src = prepare(config, workdir)
-    config, mesh = setup.config, setup.mesh
+    config = setup.config
     pi, pc = jax.process_index(), jax.process_count()
     primary = pi == 0
     if primary:
@@ -98,7 +99,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     if primary:  # only now: a run refused above leaves its train_config.json as it was
         rundir.write_run_config(workdir, config, setup.info, changes, step or 0)
     if state is None:
-        init = jax.jit(setup.init, out_shardings=setup.shardings)
+        init = jax.jit(setup.init, out_shardings=setup.shardings,
+                       compiler_options=init_compiler_options())
         state = init(jax.random.key(config.seed))
         step = 0
         if config.get("init_from"):
