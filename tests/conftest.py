@@ -34,9 +34,11 @@ def pytest_unconfigure(config):
 # The heaviest modules first (seconds on 2 shared cores, measured with --durations=0), so that
 # the two pytest-xdist workers (--dist loadfile: a module stays on one worker) end together
 # instead of one running a long module alone at the end.
-HEAVIEST_FIRST = ["test_train_cli", "test_parity", "test_train", "test_bench", "test_convert",
-                  "test_transforms", "test_model", "test_pretrained", "test_evaluate",
-                  "test_onednn", "test_train_demo", "test_train_resume", "test_folder"]
+HEAVIEST_FIRST = ["test_parity", "test_train", "test_train_cli", "test_convert", "test_bench",
+                  "test_transforms", "test_pretrained", "test_model", "test_evaluate",
+                  "test_train_demo", "test_lpips", "test_onednn", "test_train_resume",
+                  "test_input_pipeline_bench", "test_folder", "test_bad_input", "test_classify",
+                  "test_no_torch_at_run_time", "test_preprocess", "test_augment"]
 
 
 def pytest_collection_modifyitems(items):
