@@ -99,9 +99,22 @@ def peak_candidates(dtype: str, device: str, no_torch: bool, n: int) -> list[Can
 TORCHVISION_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 
 
+_TORCH_MODELS: dict = {}
+
+
 def torchvision_model(name: str, num_classes: int, width: float):
-    """torchvision's model; under a width multiplier, torchvision's own VGG and make_layers on
-    the scaled channel counts (as vgg_flax scales them), fc6 taking the narrower features."""
+    """A fresh copy of torchvision's model (built and initialised once per process: each
+    configuration trains its own copy). Under a width multiplier, torchvision's own VGG and
+    make_layers on the scaled channel counts (as vgg_flax scales them), fc6 taking the narrower
+    features."""
+    import copy
+    key = (name, num_classes, width)
+    if key not in _TORCH_MODELS:
+        _TORCH_MODELS[key] = _build_torchvision_model(name, num_classes, width)
+    return copy.deepcopy(_TORCH_MODELS[key])
+
+
+def _build_torchvision_model(name: str, num_classes: int, width: float):
     import torch
     import torchvision
     from torch import nn
@@ -195,7 +208,8 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
     # model, not once per (mode, dtype) configuration.
     key = (name, num_classes, width, tuple(size))
     if key not in _INITIALISED:
-        _INITIALISED[key] = jax.jit(model.init)(jax.random.key(0), x[:1])
+        init = jax.jit(model.init, compiler_options=model_lib.init_compiler_options())
+        _INITIALISED[key] = init(jax.random.key(0), x[:1])
     variables = _INITIALISED[key]
     # label -> (module, 2x2 pool): the user's row, then one lever off per row
     settings = {USER: (model, model_lib.max_pool_2x2)}
