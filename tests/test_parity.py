@@ -6,6 +6,8 @@ pinned to "highest"). Conversions must round-trip bit for bit. Every variant run
 default convolutions (oneDNN here); the taps (whole vgg16_bn, every layer), paper-variant and
 SSD tests also run on XLA's (``conv_impl``), the path GPUs and TPUs take.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,8 +80,9 @@ def test_torchvision_parity(name):
             finally:
                 tm.load_state_dict(saved)
                 tm.eval()
-            feats, updates = model.clone(taps=("pool5",)).apply(
-                variables, nhwc(x), train=True, mutable=["batch_stats"])
+            feats, updates = jax.jit(functools.partial(  # one program, not one per op
+                model.clone(taps=("pool5",)).apply, train=True, mutable=["batch_stats"]))(
+                variables, nhwc(x))
             assert_close(feats["pool5"], nhwc(feats_ref), f"{name} train-mode features")
             stats = vgg_flax.to_torch({**variables, **updates}, name)
             moved = 0
@@ -113,7 +116,7 @@ def test_taps_equal_torchvision_intermediates(conv_impl):
             ref[layer_name] = h.numpy().copy()
     assert "drop6" not in names and set(names) <= set(ref)
     with jax.default_matmul_precision("highest"):
-        out = model.clone(taps=tuple(names)).apply(variables, nhwc(x))
+        out = model.clone(taps=tuple(names)).apply(variables, nhwc(x))  # eager: dict order kept
     assert list(out) == names
     for n in names:
         assert_close(out[n], ref[n], f"{conv_impl} tap {n}")
@@ -133,8 +136,8 @@ def test_paper_variants(name, cfg, conv_impl):
     with torch.no_grad():
         ref = tm(x).numpy()
     with jax.default_matmul_precision("highest"):
-        assert_close(vgg_flax.create(name, conv=conv_impl).apply(variables, nhwc(x)), ref,
-                     f"{conv_impl} {name}")
+        assert_close(jax.jit(vgg_flax.create(name, conv=conv_impl).apply)(variables, nhwc(x)),
+                     ref, f"{conv_impl} {name}")
 
 
 def test_lrn_is_krizhevskys_formula():
@@ -162,7 +165,7 @@ def test_ssd_backbone_against_torchvision_ssd(conv_impl):
         relu4_3 = tm.features(x)
     model = vgg_flax.create("vgg16_ssd", taps=("relu4_3", "conv4_3_norm", "relu7"), conv=conv_impl)
     with jax.default_matmul_precision("highest"):
-        out = model.apply(variables, nhwc(x))
+        out = jax.jit(model.apply)(variables, nhwc(x))
     assert out["conv4_3_norm"].shape == (1, 38, 38, 512)  # ceil-mode pool3: 75 -> 38
     assert out["relu7"].shape == (1, 19, 19, 1024)
     assert_close(out["relu4_3"], nhwc(relu4_3), f"{conv_impl} ssd relu4_3 (before L2Norm)")
@@ -316,7 +319,7 @@ def test_bf16_matches_torch_autocast():
             autocast = tm(x)
     assert autocast.dtype == torch.bfloat16
     autocast = autocast.double().numpy()
-    ours = vgg_flax.create(name, dtype=jnp.bfloat16).apply(variables, nhwc(x))
+    ours = jax.jit(vgg_flax.create(name, dtype=jnp.bfloat16).apply)(variables, nhwc(x))
     assert ours.dtype == jnp.bfloat16
     ours = np.asarray(ours, np.float64)
 
