@@ -32,13 +32,22 @@ def pytest_unconfigure(config):
 
 
 # The heaviest modules first (seconds on 2 shared cores, measured with --durations=0), so that
-# the two pytest-xdist workers (--dist loadfile: a module stays on one worker) end together
-# instead of one running a long module alone at the end.
-HEAVIEST_FIRST = ["test_parity", "test_train", "test_train_cli", "test_convert", "test_bench",
-                  "test_transforms", "test_pretrained", "test_model", "test_evaluate",
-                  "test_train_demo", "test_lpips", "test_onednn", "test_train_resume",
-                  "test_input_pipeline_bench", "test_folder", "test_bad_input", "test_classify",
-                  "test_no_torch_at_run_time", "test_preprocess", "test_augment"]
+# the two pytest-xdist workers (--dist loadfile: a module stays on one worker, and a worker takes
+# the next module when it has two tests left) end together instead of one running a long module
+# alone at the end.
+HEAVIEST_FIRST = ["test_parity", "test_train_cli", "test_train", "test_convert", "test_bench",
+                  "test_transforms", "test_pretrained", "test_evaluate", "test_model",
+                  "test_train_demo", "test_lpips", "test_onednn", "test_input_pipeline_bench",
+                  "test_folder", "test_train_resume", "test_no_torch_at_run_time",
+                  "test_classify", "test_preprocess", "test_bad_input", "test_augment",
+                  "test_train_inputs"]
+
+
+def pytest_configure(config):
+    # pytest-xdist (>= 3.6) reorders loadfile's modules by test count unless told not to: that
+    # put the one-test digits demo last, alone on one worker. Keep the order above.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
