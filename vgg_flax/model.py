@@ -21,8 +21,6 @@ Array = jax.Array
 # torchvision's VGG._initialize_weights: kaiming normal (fan_out, ReLU gain) for convolutions,
 # N(0, 0.01) for linear layers, zeros for biases. SSD's conv6/conv7 are Xavier-uniform. Which
 # law a layer follows is data: ``arch.Layer.init``.
-
-
 def _kernel_draw(sample, key: Array, shape: Sequence[int], dtype: Any) -> Array:
     """``sample(key, shape, dtype)`` for an HWIO kernel, drawn as (kh kw, in, out) and reshaped.
 
@@ -69,7 +67,9 @@ def init_compiler_options(backend: str | None = None) -> dict[str, Any]:
     in less time: a tiny vgg11's init 3.4 -> 1.4 s, vgg16's 2.1 -> 1.6 s. (-O0 compiles faster
     still but runs 4x slower and rounds differently.) Other backends keep their defaults.
     """
-    return {"xla_backend_optimization_level": 1} if (backend or jax.default_backend()) == "cpu" else {}
+    if (backend or jax.default_backend()) != "cpu":
+        return {}
+    return {"xla_backend_optimization_level": 1}
 
 
 class BatchNorm(nn.Module):
