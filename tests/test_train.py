@@ -13,7 +13,6 @@ import tensorflow_datasets as tfds
 
 import vgg_flax
 from train import trainer
-from vgg_flax.model import init_compiler_options
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "train" / "configs"
@@ -94,8 +93,7 @@ def run_steps(config, steps, tmp_path, metrics_out=None):
     """The trainer's own pieces (prepare, sharded init, donated train step, per-process input),
     without evaluation or checkpoints: (initial parameters, parameters after ``steps`` updates)."""
     setup, train_src, _ = trainer.prepare(config, tmp_path)
-    state = jax.jit(setup.init, out_shardings=setup.shardings,
-                    compiler_options=init_compiler_options())(jax.random.key(setup.config.seed))
+    state = setup.jit_init()(jax.random.key(setup.config.seed))
     initial = jax.tree.map(np.asarray, jax.device_get(state["params"]))  # before donation
     step = trainer.make_train_step(setup)
     data = iter(trainer.input_pipeline.train_dataset(setup.config, train_src, 0, 1))

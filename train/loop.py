@@ -31,7 +31,6 @@ from train.state import Setup, make_plateau, plateau_from_json, plateau_to_json
 from train.steps import evaluate, global_batch, make_eval_step, make_train_step
 from train.validation import ConfigError, TrainingDiverged, resolved, validate
 from train.warm_start import warm_start
-from vgg_flax.model import init_compiler_options
 
 log = logging.getLogger("vgg_flax.train")
 
@@ -99,9 +98,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     if primary:  # only now: a run refused above leaves its train_config.json as it was
         rundir.write_run_config(workdir, config, setup.info, changes, step or 0)
     if state is None:
-        init = jax.jit(setup.init, out_shardings=setup.shardings,
-                       compiler_options=init_compiler_options())
-        state = init(jax.random.key(config.seed))
+        state = setup.jit_init()(jax.random.key(config.seed))
         step = 0
         if config.get("init_from"):
             variables = {"params": state["params"], "batch_stats": state["batch_stats"]}

@@ -13,7 +13,6 @@ from train import input_pipeline, sharding
 from train.state import Setup
 from train.steps import make_train_step
 from train.validation import resolved
-from vgg_flax.model import init_compiler_options
 
 
 def state_memory(config, num_classes: int = 1000, channels: int = 3) -> dict[str, float]:
@@ -23,9 +22,7 @@ def state_memory(config, num_classes: int = 1000, channels: int = 3) -> dict[str
     data, model = sharding.mesh_shape(config.mesh.data, config.mesh.model, jax.device_count())
     mesh = sharding.make_mesh(data, model)
     setup = Setup(config, input_pipeline.DatasetInfo(num_classes, channels, 0, 0), mesh)
-    compiled = jax.jit(setup.init, out_shardings=setup.shardings,
-                       compiler_options=init_compiler_options()).lower(
-        jax.random.key(0)).compile()
+    compiled = setup.jit_init().lower(jax.random.key(0)).compile()
     mem = compiled.memory_analysis()
     total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(setup.abstract))
     return {"devices": data * model, "state_bytes_total": total,

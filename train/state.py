@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import vgg_flax
 from train import input_pipeline, sharding
 from train.validation import ConfigError
+from vgg_flax.model import init_compiler_options
 
 
 def make_model(config, num_classes: int) -> vgg_flax.VGG:
@@ -103,3 +104,9 @@ class Setup:
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "batch_stats": variables.get("batch_stats", {}),
                 "opt_state": self.tx.init(params)}
+
+    def jit_init(self):
+        """``init`` jitted as the trainer runs it: laid out by the mesh's shardings, compiled with
+        ``init_compiler_options()`` (the same bits in less compile time on CPU)."""
+        return jax.jit(self.init, out_shardings=self.shardings,
+                       compiler_options=init_compiler_options())
