@@ -33,19 +33,17 @@ import ctypes
 import functools
 import importlib.metadata
 import importlib.util
+import types
 import warnings
 from typing import Any, Sequence
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src.lax.lax import canonicalize_precision
-from jax._src import dispatch
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vgg_flax import jax_internals
 
 IMPLS = ("auto", "onednn", "xla")
 _TARGETS = {"vgg_flax_conv_fwd": "VggFlaxConvFwd",
@@ -222,7 +220,7 @@ def _partitioned(target: str, rule: str, out, geom, *, weight_gradient: bool = F
             (operands[0].shape[0], *out.shape[1:]), out.dtype)
         return _ffi(target, local, operands, geom, **attrs)
 
-    op = custom_partitioning(call)
+    op = _api.custom_partitioning(call)
 
     def shardings(mesh, arg_shapes):
         axes = _batch_axes(arg_shapes[0].sharding)
@@ -287,10 +285,13 @@ def _onednn_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, st
 
 # ---- the primitives ----------------------------------------------------------------------------
 
-conv_p = jax.extend.core.Primitive("vgg_flax_conv")
-bwd_data_p = jax.extend.core.Primitive("vgg_flax_conv_bwd_data")
-bwd_weights_p = jax.extend.core.Primitive("vgg_flax_conv_bwd_weights")
-bwd_weights_p.multiple_results = True  # [dw] or [dw, db]
+# JAX's primitive machinery is not a stable API: vgg_flax.jax_internals reaches it. Where it is
+# gone, the primitives are not defined (None) and every convolution runs on XLA's.
+try:
+    _api = types.SimpleNamespace(**jax_internals.primitive_api())
+except Exception:  # noqa: BLE001 - jax_internals.probe("primitives") says what
+    _api = None
+conv_p = bwd_data_p = bwd_weights_p = None
 
 
 def _y_shape(x_shape, w_shape, geom):
@@ -300,17 +301,17 @@ def _y_shape(x_shape, w_shape, geom):
 
 
 def _conv_abstract(x, w, *b, geom, relu, precision, strict):
-    return jax.core.ShapedArray(_y_shape(x.shape, w.shape, geom), x.dtype)
+    return _api.ShapedArray(_y_shape(x.shape, w.shape, geom), x.dtype)
 
 
 def _bwd_data_abstract(dy, w, *, geom, x_hw, precision, strict):
-    return jax.core.ShapedArray((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
+    return _api.ShapedArray((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
 
 
 def _bwd_weights_abstract(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict):
-    out = [jax.core.ShapedArray(tuple(w_shape), w_dtype)]
+    out = [_api.ShapedArray(tuple(w_shape), w_dtype)]
     if b_dtype is not None:
-        out.append(jax.core.ShapedArray((w_shape[3],), b_dtype))
+        out.append(_api.ShapedArray((w_shape[3],), b_dtype))
     return out
 
 
@@ -330,7 +331,7 @@ def _partitioning_key_unsafe(ctx) -> bool:
     run another geometry's convolution (measured: two paddings, one entry, wrong results)."""
     if not jax.config.jax_remove_custom_partitioning_ptr_from_cache_key:
         return False
-    context = ctx.module_context.axis_context
+    context = jax_internals.axis_context(ctx)
     mesh = getattr(context, "mesh", None)
     if mesh is not None:  # inside shard_map: fully manual runs the call as it is
         return mesh.size > 1 and set(context.manual_axes) != set(mesh.axis_names)
@@ -339,6 +340,14 @@ def _partitioning_key_unsafe(ctx) -> bool:
 
 def _lowering(onednn_impl, lax_impl, cpu_fallback, multiple_results=False):
     def cpu(ctx, *args, geom, strict, **params):
+        if jax_internals.for_export(ctx):
+            # A serialized program outlives this process and its extension: XLA's convolution
+            # (the one CPUs without oneDNN run), which any XLA:CPU can execute.
+            if strict:
+                raise ValueError("conv='onednn' cannot be exported (the oneDNN call lives in "
+                                 "this process only); export with conv='auto' or conv='xla'")
+            return _api.lower_fun(functools.partial(cpu_fallback, geom=geom, **params),
+                                  multiple_results)(ctx, *args)
         x_dtype = ctx.avals_in[0].dtype
         why = _runs_on_onednn(x_dtype, geom)
         if not why and _partitioning_key_unsafe(ctx):
@@ -350,46 +359,28 @@ def _lowering(onednn_impl, lax_impl, cpu_fallback, multiple_results=False):
             raise ValueError(f"conv='onednn' cannot run this convolution here: {why}; "
                              "use conv='auto' (XLA's convolution where oneDNN cannot run)")
         impl = cpu_fallback if why else onednn_impl
-        return mlir.lower_fun(functools.partial(impl, geom=geom, **params),
+        return _api.lower_fun(functools.partial(impl, geom=geom, **params),
                               multiple_results)(ctx, *args)
 
     def other(ctx, *args, geom, strict, **params):
         if strict:
             raise ValueError("conv='onednn' runs on CPU only; use conv='auto' on "
                              f"{ctx.module_context.platforms}")
-        return mlir.lower_fun(functools.partial(lax_impl, geom=geom, **params),
+        return _api.lower_fun(functools.partial(lax_impl, geom=geom, **params),
                               multiple_results)(ctx, *args)
     return cpu, other
-
-
-# On a CPU without oneDNN kernels for the dtype (bf16 without AVX-512), conv_p still rounds once,
-# as oneDNN does; on GPU/TPU it is flax's convolution exactly (conv="xla" runs that on CPU too).
-for _p, _abstract, _onednn, _lax, _cpu_fallback, _multi in [
-        (conv_p, _conv_abstract, _onednn_conv, _lax_conv,
-         functools.partial(_lax_conv, round_once=True), False),
-        (bwd_data_p, _bwd_data_abstract, _onednn_bwd_data, _lax_bwd_data, _lax_bwd_data, False),
-        (bwd_weights_p, _bwd_weights_abstract, _onednn_bwd_weights, _lax_bwd_weights,
-         _lax_bwd_weights, True)]:
-    _p.def_abstract_eval(_abstract)
-    _p.def_impl(functools.partial(_eager, _p))
-    # The CPU lowering partitions along the batch (custom_partitioning), which needs the
-    # devices: so does any program holding these, as for JAX's own cuDNN attention primitives.
-    dispatch.prim_requires_devices_during_lowering.add(_p)
-    _cpu, _other = _lowering(_onednn, _lax, _cpu_fallback, _multi)
-    mlir.register_lowering(_p, _cpu, platform="cpu")
-    mlir.register_lowering(_p, _other)
 
 
 # -- differentiation: each primitive is bilinear; the family is closed under transposition --
 
 def _zero(t) -> bool:
-    return type(t) is ad.Zero
+    return type(t) is _api.Zero
 
 
 def _add(terms, like):
     terms = [t for t in terms if t is not None]
     if not terms:
-        return ad.Zero(jax.typeof(like).to_tangent_aval())
+        return _api.Zero(_api.typeof(like).to_tangent_aval())
     return functools.reduce(lax.add, terms)
 
 
@@ -418,13 +409,13 @@ def _conv_jvp(primals, tangents, *, geom, relu, precision, strict):
 def _conv_transpose(ct, x, w, *b, geom, relu, precision, strict):
     assert not relu, "a ReLU-fused convolution is not linear"
     kw = dict(geom=geom, precision=precision, strict=strict)
-    bias_linear = bool(b) and ad.is_undefined_primal(b[0])
+    bias_linear = bool(b) and _api.is_undefined_primal(b[0])
     outs: list[Any] = [None, None] + [None] * len(b)
     if _zero(ct):
-        return [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in (x, w, *b)]
-    if ad.is_undefined_primal(x):
+        return [_api.Zero(a.aval) if _api.is_undefined_primal(a) else None for a in (x, w, *b)]
+    if _api.is_undefined_primal(x):
         outs[0] = bwd_data_p.bind(ct, w, x_hw=tuple(x.aval.shape[1:3]), **kw)
-    if ad.is_undefined_primal(w):
+    if _api.is_undefined_primal(w):
         grads = bwd_weights_p.bind(x, ct, w_shape=tuple(w.aval.shape), w_dtype=w.aval.dtype,
                                    b_dtype=b[0].aval.dtype if bias_linear else None, **kw)
         outs[1] = grads[0]
@@ -447,10 +438,10 @@ def _bwd_data_transpose(ct, dy, w, *, geom, x_hw, precision, strict):
     # <c, bwd_data(dy, w)> = <conv(c, w), dy>: the transpose in dy is conv, in w bwd_weights.
     kw = dict(geom=geom, precision=precision, strict=strict)
     if _zero(ct):
-        return [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in (dy, w)]
-    ct_dy = conv_p.bind(ct, w, relu=False, **kw) if ad.is_undefined_primal(dy) else None
+        return [_api.Zero(a.aval) if _api.is_undefined_primal(a) else None for a in (dy, w)]
+    ct_dy = conv_p.bind(ct, w, relu=False, **kw) if _api.is_undefined_primal(dy) else None
     ct_w = (bwd_weights_p.bind(ct, dy, w_shape=tuple(w.aval.shape), w_dtype=w.aval.dtype,
-                               b_dtype=None, **kw)[0] if ad.is_undefined_primal(w) else None)
+                               b_dtype=None, **kw)[0] if _api.is_undefined_primal(w) else None)
     return [ct_dy, ct_w]
 
 
@@ -463,7 +454,7 @@ def _bwd_weights_jvp(primals, tangents, *, geom, w_shape, w_dtype, b_dtype, prec
     tangent = [_add([by_ddy and by_ddy[0], by_dx], out[0])]
     if b_dtype is not None:  # db = sum(dy) does not depend on x
         tangent.append(by_ddy[1] if by_ddy else
-                       ad.Zero(jax.typeof(out[1]).to_tangent_aval()))
+                       _api.Zero(_api.typeof(out[1]).to_tangent_aval()))
     return out, tangent
 
 
@@ -471,27 +462,20 @@ def _bwd_weights_transpose(cts, x, dy, *, geom, w_shape, w_dtype, b_dtype, preci
     # <C, bwd_weights(x, dy)> = <conv(x, C), dy>: the transpose in x is bwd_data(dy, C), in dy
     # conv(x, C) (+ the bias cotangent, which pairs with sum(dy)).
     kw = dict(geom=geom, precision=precision, strict=strict)
-    cw, cb = cts[0], (cts[1] if b_dtype is not None else ad.Zero(None))
+    cw, cb = cts[0], (cts[1] if b_dtype is not None else _api.Zero(None))
     ct_x = ct_dy = None
-    if ad.is_undefined_primal(x):
-        ct_x = (ad.Zero(x.aval) if _zero(cw) else
+    if _api.is_undefined_primal(x):
+        ct_x = (_api.Zero(x.aval) if _zero(cw) else
                 bwd_data_p.bind(dy, cw, x_hw=tuple(x.aval.shape[1:3]), **kw))
-    if ad.is_undefined_primal(dy):
+    if _api.is_undefined_primal(dy):
         if _zero(cw) and _zero(cb):
-            ct_dy = ad.Zero(dy.aval)
+            ct_dy = _api.Zero(dy.aval)
         elif _zero(cw):
             ct_dy = lax.broadcast_in_dim(cb.astype(dy.aval.dtype), dy.aval.shape, (3,))
         else:
             ct_dy = conv_p.bind(x, cw, *([] if _zero(cb) else [cb]), relu=False, **kw)
     return [ct_x, ct_dy]
 
-
-ad.primitive_jvps[conv_p] = _conv_jvp
-ad.primitive_transposes[conv_p] = _conv_transpose
-ad.primitive_jvps[bwd_data_p] = _bwd_data_jvp
-ad.primitive_transposes[bwd_data_p] = _bwd_data_transpose
-ad.primitive_jvps[bwd_weights_p] = _bwd_weights_jvp
-ad.primitive_transposes[bwd_weights_p] = _bwd_weights_transpose
 
 
 # -- vmap: a mapped batch of the activations alone folds into N; anything else loops --------
@@ -514,12 +498,74 @@ def _batcher(prim, foldable: bool):
     return rule
 
 
-batching.primitive_batchers[conv_p] = _batcher(conv_p, foldable=True)
-batching.primitive_batchers[bwd_data_p] = _batcher(bwd_data_p, foldable=True)
-batching.primitive_batchers[bwd_weights_p] = _batcher(bwd_weights_p, foldable=False)
+
+def _define_primitives() -> str:
+    """Defines and registers the three primitives; "" or why they could not be."""
+    global conv_p, bwd_data_p, bwd_weights_p
+    if _api is None:
+        return "JAX's primitive machinery is not where vgg_flax.jax_internals looks"
+    try:
+        conv_p = _api.Primitive("vgg_flax_conv")
+        bwd_data_p = _api.Primitive("vgg_flax_conv_bwd_data")
+        bwd_weights_p = _api.Primitive("vgg_flax_conv_bwd_weights")
+        bwd_weights_p.multiple_results = True  # [dw] or [dw, db]
+        # On a CPU without oneDNN kernels for the dtype (bf16 without AVX-512), conv_p still
+        # rounds once, as oneDNN does; on GPU/TPU it is flax's convolution exactly (conv="xla"
+        # runs that on CPU too).
+        for p, abstract, onednn_impl, lax_impl, cpu_fallback, multi in [
+                (conv_p, _conv_abstract, _onednn_conv, _lax_conv,
+                 functools.partial(_lax_conv, round_once=True), False),
+                (bwd_data_p, _bwd_data_abstract, _onednn_bwd_data, _lax_bwd_data,
+                 _lax_bwd_data, False),
+                (bwd_weights_p, _bwd_weights_abstract, _onednn_bwd_weights, _lax_bwd_weights,
+                 _lax_bwd_weights, True)]:
+            p.def_abstract_eval(abstract)
+            p.def_impl(functools.partial(_eager, p))
+            cpu, other = _lowering(onednn_impl, lax_impl, cpu_fallback, multi)
+            _api.register_lowering(p, cpu, platform="cpu")
+            _api.register_lowering(p, other)
+        for p, jvp, transpose in [(conv_p, _conv_jvp, _conv_transpose),
+                                  (bwd_data_p, _bwd_data_jvp, _bwd_data_transpose),
+                                  (bwd_weights_p, _bwd_weights_jvp, _bwd_weights_transpose)]:
+            _api.primitive_jvps[p] = jvp
+            _api.primitive_transposes[p] = transpose
+        # vmap: a mapped batch of the activations alone folds into N; anything else loops.
+        _api.primitive_batchers[conv_p] = _batcher(conv_p, foldable=True)
+        _api.primitive_batchers[bwd_data_p] = _batcher(bwd_data_p, foldable=True)
+        _api.primitive_batchers[bwd_weights_p] = _batcher(bwd_weights_p, foldable=False)
+        # The CPU lowering partitions along the batch (custom_partitioning), which needs the
+        # devices: so does any program holding these, as for JAX's own cuDNN attention.
+        if not jax_internals.probe("devices_during_lowering"):
+            jax_internals.devices_during_lowering().update((conv_p, bwd_data_p, bwd_weights_p))
+    except Exception as e:  # noqa: BLE001 - a JAX whose machinery moved: XLA's convolutions
+        conv_p = bwd_data_p = bwd_weights_p = None
+        return f"vgg_flax's primitives could not be defined on JAX {jax.__version__} ({e})"
+    return ""
+
+
+_DEFINE_ERROR = _define_primitives()
+
+
+def _blocker() -> str:
+    """"" when the oneDNN primitives can be used in this process, else why not."""
+    return _DEFINE_ERROR or jax_internals.onednn_blocker()
 
 
 # ---- public ----------------------------------------------------------------------------------
+
+def _precision(precision: Any) -> Any:
+    """``precision`` as a hashable primitive parameter, the context's default filled in now
+    (``jax.default_matmul_precision`` applies where the convolution is written, as for lax's)."""
+    if precision is None:
+        precision = jax.config.jax_default_matmul_precision
+    return tuple(precision) if isinstance(precision, list) else precision
+
+
+@functools.cache
+def _warn_blocked(why: str) -> None:
+    warnings.warn(f"vgg_flax: conv='auto' runs XLA's convolutions, not oneDNN's: {why}",
+                  RuntimeWarning, stacklevel=4)
+
 
 def conv(x, w, b=None, *, strides: Sequence[int] = (1, 1), padding: Any = ((0, 0), (0, 0)),
          dilation: Sequence[int] = (1, 1), relu: bool = False, precision: Any = None,
@@ -534,7 +580,7 @@ def conv(x, w, b=None, *, strides: Sequence[int] = (1, 1), padding: Any = ((0, 0
     if impl not in IMPLS:
         raise ValueError(f"conv implementation must be one of {IMPLS}, got {impl!r}")
     geom = geometry(x.shape, w.shape, strides, padding, dilation)
-    precision = canonicalize_precision(precision)
+    precision = _precision(precision)
     # oneDNN pairs bfloat16 activations with float32 parameters (rounded in its weight reorder)
     # but has no float32 x bfloat16 convolution: parameters narrower than the activations are
     # widened first, exactly, as flax's promote_dtype would.
@@ -545,6 +591,10 @@ def conv(x, w, b=None, *, strides: Sequence[int] = (1, 1), padding: Any = ((0, 0
                 for a in params if np.dtype(a.dtype) not in _FLOATS), "")
     if np.dtype(x.dtype) not in _FLOATS or any(p < 0 for pair in geom[1] for p in pair):
         why = _runs_on_onednn(x.dtype, geom)  # says which, without loading anything
+    if impl != "xla" and not why and _blocker():
+        why = _blocker()
+        if impl == "auto":
+            _warn_blocked(why)
     if impl == "onednn":
         why = why or _runs_on_onednn(x.dtype, geom)
         if why:

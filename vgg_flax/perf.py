@@ -43,14 +43,17 @@ def tune_host_malloc() -> str:
         return "default (VGG_FLAX_MALLOC=default)"
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return "default (not glibc)"
-    from jax._src import xla_bridge  # private, but the only way to ask; jax has no public one
-    late = xla_bridge.backends_are_initialized()
+    from vgg_flax import jax_internals  # JAX has no public way to ask
+    late = (jax_internals.backends_are_initialized()
+            if not jax_internals.probe("backends_initialized") else None)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # -1 turns trimming off entirely (mallopt(3)); 0 mmaps: large blocks come from the heap.
     done = [libc.mallopt(p, v) for p, v in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
                                              (_M_ARENA_MAX, 1))]
     if not all(done):
         return "default (mallopt refused)"
+    if late is None:
+        return "tuned (whether JAX had started first is unknown: jax_internals.report())"
     return ("tuned late (JAX ran before import vgg_flax: XLA's worker threads keep glibc's "
             "defaults; import vgg_flax before running JAX)" if late else "tuned")
 
