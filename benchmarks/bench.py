@@ -8,8 +8,9 @@ For every (mode, dtype, batch) both frameworks are built and warmed up, then tim
 alternation (torch, flax, torch, flax, ...) so that drift in machine load hits both alike.
 torchvision runs in both memory formats (and under bf16 autocast for bf16); the faster one is
 the baseline. The first vgg_flax row is what a user gets: ``vgg_flax.create(name, dtype=...)``
-under a plain ``jax.jit`` (a training step donating its state), no compiler options, no
-environment variables. ``--levers`` adds rows with one lever turned off each, so every lever
+with the torchvision model's weights as ``vgg_flax.from_torch`` returns them, under a plain
+``jax.jit`` (a training step donating its state), no compiler options, no environment
+variables. ``--levers`` adds rows with one lever turned off each, so every lever
 shows its gain here. Reports median img/s, the ratio vgg_flax/torchvision, achieved GFLOP/s (a
 multiply-add is two FLOPs; a training step is counted as three forward passes) against a matmul
 peak measured in the same run, between the timed rounds, first-call time (for Flax: trace +
@@ -108,10 +109,15 @@ def torchvision_model(name: str, num_classes: int, width: float):
     make_layers on the scaled channel counts (as vgg_flax scales them), fc6 taking the narrower
     features."""
     import copy
+    return copy.deepcopy(_torchvision_master(name, num_classes, width))
+
+
+def _torchvision_master(name: str, num_classes: int, width: float):
+    """The process's one initialised torchvision model for these fields (never trained)."""
     key = (name, num_classes, width)
     if key not in _TORCH_MODELS:
         _TORCH_MODELS[key] = _build_torchvision_model(name, num_classes, width)
-    return copy.deepcopy(_TORCH_MODELS[key])
+    return _TORCH_MODELS[key]
 
 
 def _build_torchvision_model(name: str, num_classes: int, width: float):
@@ -187,11 +193,11 @@ def _reduce_window_pool(x, ceil_mode=False):
     return nn.max_pool(x, (2, 2), (2, 2), padding=pad)
 
 
-_INITIALISED: dict = {}
+_VARIABLES: dict = {}
 
 
 def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
-                    width=1.0) -> list[Candidate]:
+                    width=1.0, no_torch=False) -> list[Candidate]:
     import jax
     import jax.numpy as jnp
     import optax
@@ -204,13 +210,17 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, *size, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, num_classes, batch))
-    # Parameters are float32 whatever the compute dtype: initialise (and compile init) once per
-    # model, not once per (mode, dtype) configuration.
+    # Parameters are float32 whatever the compute dtype: made once per model, not once per
+    # (mode, dtype) configuration. The user's variables are what from_torch returns (as the
+    # README shows) for torchvision's model; without torch, the model's own init.
     key = (name, num_classes, width, tuple(size))
-    if key not in _INITIALISED:
+    if key not in _VARIABLES and no_torch:
         init = jax.jit(model.init, compiler_options=model_lib.init_compiler_options())
-        _INITIALISED[key] = init(jax.random.key(0), x[:1])
-    variables = _INITIALISED[key]
+        _VARIABLES[key] = init(jax.random.key(0), x[:1])
+    elif key not in _VARIABLES:
+        master = _torchvision_master(name, num_classes, width)
+        _VARIABLES[key] = vgg_flax.from_torch(master.state_dict(), model)
+    variables = _VARIABLES[key]
     # label -> (module, 2x2 pool): the user's row, then one lever off per row
     settings = {USER: (model, model_lib.max_pool_2x2)}
     if levers:
@@ -283,7 +293,7 @@ def run_config(args, mode, dtype, batch) -> list[dict]:
         c.step()
         c.first_call_s = time.perf_counter() - t0
     cands += flax_candidates(args.model, mode, dtype, batch, size, args.num_classes, args.levers,
-                             args.width)
+                             args.width, args.no_torch)
     for _ in range(args.warmup):
         for c in cands:
             c.step()

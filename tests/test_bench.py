@@ -1,9 +1,12 @@
-"""The benchmark runs end to end at its smallest size (a smoke test: no timing is asserted)."""
+"""The benchmark runs end to end at its smallest size (a smoke test: no timing is asserted), and
+the host allocator it runs under is tuned where, and only where, JAX computes on the CPU."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +19,7 @@ def test_bench_smoke(tmp_path):
            "--json", str(out), "--md", str(tmp_path / "bench.md")]
     env = {k: v for k, v in os.environ.items() if k != "VGG_FLAX_MALLOC"}  # as a user runs it
     env["PYTHONPATH"] = str(ROOT)  # this checkout, installed or not
+    env["JAX_PLATFORMS"] = "cpu"  # a CPU run, also where an accelerator plugin is installed
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -31,7 +35,7 @@ def test_bench_smoke(tmp_path):
     assert "| vgg11 | train | bf16 | 1 | vgg_flax (plain jax.jit) |" in (
         tmp_path / "bench.md").read_text()
     # the library tuned the allocator itself, in this ordinary process
-    assert result["machine"]["host_malloc"] == "tuned"
+    assert result["machine"]["host_malloc"] == "tuned (JAX_PLATFORMS=cpu)"
 
 
 def test_layers_smoke(tmp_path):
@@ -64,28 +68,80 @@ def faults_of_one_execution():
     f(x).block_until_ready()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 # glibc settles where the blocks go within a few executions: the steady state is the last five
-print(vgg_flax.HOST_MALLOC.split(" (")[0], min([faults_of_one_execution() for _ in range(10)][5:]))
+print(vgg_flax.HOST_MALLOC)
+print(min([faults_of_one_execution() for _ in range(10)][5:]))
 """
 
 
-def test_host_allocator_tuned_at_import():
+PLUGIN_PROBE = """
+import os
+import jax.numpy as jnp
+import vgg_flax
+from vgg_flax import perf
+print(vgg_flax.HOST_MALLOC)
+os.environ["VGG_FLAX_MALLOC"] = "tuned"  # forcing it, in the same process before JAX starts
+perf.tune_host_malloc.cache_clear()
+print(perf.tune_host_malloc())
+print(float(jnp.ones(3).sum()))  # JAX found the plugin, initialised it and runs on the CPU
+"""
+
+
+def test_host_allocator_tuned_at_import_where_jax_computes_on_cpu(tmp_path):
     """``import vgg_flax`` applies the glibc settings in-process (no restart), before XLA's
-    worker threads exist: a compiled program's large temporaries are then served from the heap
-    again on each execution, without page faults. Imported after JAX ran something, the worker
-    threads keep glibc's defaults (and the status says "tuned late"); VGG_FLAX_MALLOC=default
-    opts out. Both of those fault the temporary in again every time (one fault per page).
-    Fewest faults of executions 6-10 (the first few settle where glibc puts the blocks)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "VGG_FLAX_"))}
+    worker threads exist, where JAX will compute on the CPU: a compiled program's large
+    temporaries are then served from the heap again on each execution, without page faults.
+    Imported after JAX ran something, the worker threads keep glibc's defaults (the status says
+    "tuned late"); VGG_FLAX_MALLOC=default opts out. Both fault the temporary in again every
+    time (one fault per page). Fewest faults of executions 6-10 (the first few settle where
+    glibc puts the blocks). An installed accelerator plugin (a fake one, which JAX discovers,
+    initialises and ignores) leaves malloc alone, saying why, unless JAX_PLATFORMS=cpu or
+    VGG_FLAX_MALLOC=tuned. The four processes run at once."""
+    plugin = tmp_path / "jax_plugins" / "fake_accel"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("def initialize():\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "VGG_FLAX_"))
+           and k not in ("JAX_PLATFORMS", "PJRT_NAMES_AND_LIBRARY_PATHS", "TPU_LIBRARY_PATH")}
     env["PYTHONPATH"] = str(ROOT)
+    with_plugin = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    cases = {"cpu": (HOST_MALLOC_PROBE, {"JAX_PLATFORMS": "cpu", **with_plugin}),
+             "jax first": (HOST_MALLOC_PROBE, {"JAX_FIRST": "1"}),
+             "opt-out": (HOST_MALLOC_PROBE, {"VGG_FLAX_MALLOC": "default"}),
+             "plugin": (PLUGIN_PROBE, with_plugin)}
+    procs = {case: subprocess.Popen([sys.executable, "-c", script], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env={**env, **extra})
+             for case, (script, extra) in cases.items()}
     runs = {}
-    for case, extra in (("import first", {}), ("jax first", {"JAX_FIRST": "1"}),
-                        ("opt-out", {"VGG_FLAX_MALLOC": "default"})):
-        run = subprocess.run([sys.executable, "-c", HOST_MALLOC_PROBE], capture_output=True,
-                             text=True, env={**env, **extra}, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        status, faults = run.stdout.rsplit(maxsplit=1)
-        runs[case] = status, int(faults)
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (case, err[-2000:])
+        runs[case] = out.strip().split("\n")
+    runs.update({case: (lines[0], int(lines[1])) for case, lines in runs.items()
+                 if case != "plugin"})  # (status, faults)
     # 128 MiB faults in as 32768 4-KiB pages, or 64 2-MiB ones with transparent huge pages
-    assert runs["import first"][0] == "tuned" and runs["import first"][1] < 16, runs
-    assert runs["jax first"][0] == "tuned late" and runs["jax first"][1] >= 64, runs
-    assert runs["opt-out"][0] == "default" and runs["opt-out"][1] >= 64, runs
+    assert runs["cpu"][0] == "tuned (JAX_PLATFORMS=cpu)" and runs["cpu"][1] < 16, runs
+    assert runs["jax first"][0].startswith("tuned late (JAX's default backend is cpu; ")
+    assert runs["jax first"][1] >= 64, runs
+    assert runs["opt-out"][0] == "default (VGG_FLAX_MALLOC=default)", runs
+    assert runs["opt-out"][1] >= 64, runs
+    untouched, forced, jax_ran = runs["plugin"]
+    assert untouched.startswith("default (accelerator plugin jax_plugins.fake_accel installed, "
+                                "JAX_PLATFORMS unset: "), untouched
+    assert "VGG_FLAX_MALLOC=tuned" in untouched
+    assert forced == "tuned (VGG_FLAX_MALLOC=tuned)" and jax_ran == "3.0", runs
+
+
+@pytest.mark.parametrize("platforms, where", [("cpu", "cpu"), ("cpu,cuda", "cpu"),
+                                              ("cuda", "cuda"), ("gpu,cpu", "gpu"),
+                                              ("tpu", "tpu")])
+def test_where_jax_computes_reads_jax_platforms(platforms, where):
+    """JAX_PLATFORMS' first entry is JAX's default backend; decided without starting one."""
+    from vgg_flax import perf
+    assert perf.where_jax_computes(platforms) == (where, f"JAX_PLATFORMS={platforms}")
+
+
+def test_where_jax_computes_sees_plugins_as_jax_does(monkeypatch):
+    from vgg_flax import perf
+    monkeypatch.setenv("PJRT_NAMES_AND_LIBRARY_PATHS", f"mydev{os.pathsep}/opt/libmydev.so")
+    where, why = perf.where_jax_computes("")
+    assert where == "accelerator" and "mydev (PJRT_NAMES_AND_LIBRARY_PATHS)" in why

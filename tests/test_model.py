@@ -141,7 +141,7 @@ def test_init_distribution_follows_torchvision():
     ref = vgg_flax.from_torch(torchvision.models.vgg11_bn(weights=None).state_dict(), "vgg11_bn")
     for layer, leaves in ref["params"].items():
         for leaf, r in leaves.items():
-            ours = np.asarray(variables["params"][layer][leaf])
+            ours, r = np.asarray(variables["params"][layer][leaf]), np.asarray(r)
             assert ours.shape == r.shape
             assert ours.std() == pytest.approx(r.std(), rel=0.05, abs=1e-6), (layer, leaf)
             # both centred where torchvision's law is: within 5 standard errors of its mean

@@ -83,6 +83,14 @@ def converted(tmp_path_factory, hf_cache):
     return cache, module, variables
 
 
+def assert_on_device(variables):
+    """What a user receives: jax.Arrays on the default device (numpy leaves would be copied to
+    the device again by every call of a jitted apply), float32 as torchvision's weights."""
+    for leaf in jax.tree.leaves(variables):
+        assert isinstance(leaf, jax.Array) and leaf.devices() == {jax.devices()[0]}, type(leaf)
+        assert leaf.dtype == np.float32
+
+
 def _torch_out(model, x):
     with torch.no_grad():
         return model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
@@ -91,6 +99,7 @@ def _torch_out(model, x):
 def test_pretrained_from_hf_equals_timm(timm_vgg11, converted):
     model, _ = timm_vgg11
     cache, module, variables = converted
+    assert_on_device(variables)  # converted in this call
     x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
     with jax.default_matmul_precision("highest"):
         got = np.asarray(module.apply(variables, x))
@@ -127,6 +136,7 @@ def test_second_call_reads_the_cache_and_converts_nothing(converted, monkeypatch
     monkeypatch.setattr(P, "hub_file", fail)
     _, again = vgg_flax.pretrained("vgg11", cache_dir=cache)
     jax.tree.map(np.testing.assert_array_equal, again, variables)
+    assert_on_device(again)  # read from the cache
 
 
 def test_num_classes_reinitialises_the_head_with_a_warning(converted):
@@ -134,6 +144,7 @@ def test_num_classes_reinitialises_the_head_with_a_warning(converted):
     with pytest.warns(UserWarning, match=r"fc8 is re-initialised for num_classes=10"):
         module, v = vgg_flax.pretrained("vgg11", cache_dir=cache, num_classes=10, seed=1)
     assert module.num_classes == 10 and v["params"]["fc8"]["kernel"].shape == (4096, 10)
+    assert_on_device(v)
     assert 0.009 < v["params"]["fc8"]["kernel"].std() < 0.011
     assert not v["params"]["fc8"]["bias"].any()
     np.testing.assert_array_equal(v["params"]["fc7"]["kernel"], variables["params"]["fc7"]["kernel"])
@@ -162,28 +173,44 @@ def test_unknown_or_unpublished_names(tmp_path):
 
 def test_torch_blocked_offline_error_then_hf(tmp_path, hf_cache, converted):
     """As on a TPU VM without torch: an import hook refuses torch. vgg13 is nowhere (one-line
-    error naming every place and the converter command); vgg11 comes from the HF cache, and the
-    process never imports torch."""
+    error naming every place and the converter command), with HF_HUB_OFFLINE and without it on a
+    network where nothing answers (a dead proxy): then in one request, not huggingface_hub's
+    23 s of retries, and the error says how to stay offline. vgg11 comes from the HF cache, and
+    the process never imports torch."""
     script = textwrap.dedent("""
-        import sys
+        import sys, time
         sys.modules["torch"] = None          # `import torch` raises ImportError
         sys.modules["torchvision"] = None
         import vgg_flax
+        from huggingface_hub import constants
         try:
             vgg_flax.pretrained("vgg13", progress=False)
         except vgg_flax.WeightsUnavailableError as err:
             print("ERROR:" + str(err))
+        constants.HF_HUB_OFFLINE = False
+        start = time.time()
+        try:
+            vgg_flax.pretrained("vgg13", progress=False)
+        except vgg_flax.WeightsUnavailableError as err:
+            print(f"NO ANSWER:{time.time() - start:.2f}:{err}")
         module, variables = vgg_flax.pretrained("vgg11", progress=False)
         assert sys.modules["torch"] is None, "torch was imported"
         print("OK")
     """)
+    dead = "http://127.0.0.1:9"  # nothing listens: every request fails at once, on any machine
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hf_cache),
-               VGG_FLAX_CACHE=str(tmp_path / "cache"))
+               VGG_FLAX_CACHE=str(tmp_path / "cache"), https_proxy=dead, HTTPS_PROXY=dead,
+               no_proxy="", NO_PROXY="")
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert lines[-1] == "OK"
+    _, seconds, no_answer = next(l for l in lines if l.startswith("NO ANSWER:")).split(":", 2)
+    assert float(seconds) < 10, seconds  # was 23-29 s
+    assert "timm/vgg13.tv_in1k (no answer: ConnectError" in no_answer
+    assert "set HF_HUB_OFFLINE=1" in no_answer and "\n" not in no_answer
+    assert "Retrying" not in r.stderr and "Downloading" not in r.stdout + r.stderr, r.stderr
     error = next(line for line in lines if line.startswith("ERROR:"))
     for part in (f"vgg_flax's cache {tmp_path / 'cache' / 'vgg13.IMAGENET1K_V1'}",
                  "Hugging Face hub timm/vgg13.tv_in1k (HF_HUB_OFFLINE is set",
@@ -234,6 +261,26 @@ def test_ssd_backbone_features_from_torch_hub(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "vgg16_ssd.IMAGENET1K_FEATURES" / "vgg_flax.json").is_file()
 
 
+def test_no_answer_from_the_hub_means_no_torch_download(tmp_path, monkeypatch, capsys):
+    """When the hub does not answer, torch is not asked to download either (it printed
+    'Downloading: "https://..."' and failed): torch's hub cache is only looked at, one line."""
+    def unreachable(*a, **k):
+        raise P.HubUnreachable("ConnectError: [Errno -2] Name or service not known")
+
+    def fail(*a, **k):
+        raise AssertionError("asked torch for the weights")
+    monkeypatch.setattr(P, "hub_file", unreachable)
+    monkeypatch.setattr(convert, "prepare", fail)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(vgg_flax.WeightsUnavailableError) as e:
+        vgg_flax.pretrained("vgg11", cache_dir=tmp_path / "cache", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "set HF_HUB_OFFLINE=1" in msg
+    assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints' / 'vgg11-8a719046.pth'} absent" in msg
+    assert capsys.readouterr().out == ""
+
+
 def test_cache_write_is_atomic(tmp_path, monkeypatch):
     """A write that dies half way leaves no entry (the next call converts again), only a warning."""
     def dies(path, *args, **kwargs):
@@ -241,8 +288,12 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
         (Path(path) / "vgg_flax.json").write_text("{")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoint, "write", dies)
+    # variables that fit (save refuses others before writing): a tiny vgg11's, as zeros
+    module = vgg_flax.create("vgg11", num_classes=10, width=0.125, hidden_size=16, pool_size=(1, 1))
+    variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                             vgg_flax.model.abstract_variables(module))
     with pytest.warns(UserWarning, match="could not cache vgg11's converted weights"):
-        P._store(tmp_path / "vgg11.IMAGENET1K_V1", {}, "vgg11", vgg_flax.create("vgg11"), {})
+        P._store(tmp_path / "vgg11.IMAGENET1K_V1", variables, "vgg11", module, {})
     assert os.listdir(tmp_path) == []
 
 

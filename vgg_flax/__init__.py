@@ -8,7 +8,8 @@
 """
 from vgg_flax import perf as _perf
 
-# Before JAX starts XLA's worker threads, or they keep glibc's defaults: see tune_host_malloc.
+# Before JAX starts XLA's worker threads, or they keep glibc's defaults; only where JAX will
+# compute on the CPU (what was done and why: HOST_MALLOC): see tune_host_malloc.
 HOST_MALLOC = _perf.tune_host_malloc()
 
 from vgg_flax.arch import CFGS, VARIANTS  # noqa: E402

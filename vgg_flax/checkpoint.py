@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vgg_flax import registry
-from vgg_flax.model import VGG, abstract_variables
+from vgg_flax.model import FIELDS, VGG, variables_mismatch
+from vgg_flax.weights import WeightMismatchError, on_device
 
 FORMAT = "vgg_flax/1"
 # Every ``VGG`` field is saved with the weights except these: Flax's own, and run-time choices
@@ -42,40 +43,10 @@ class NotACheckpoint(CheckpointError, FileNotFoundError):
 _REMAKE = "re-create it with vgg_flax.save or convert/torch_to_flax.py"
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v and abs(v) != float("inf")
-
-
-def _pair(v) -> bool:
-    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
-
-
-# What each stored override may hold: (check, what the message says it must be).
-_CHECKS = {
-    "num_classes": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "include_top": (lambda v: isinstance(v, bool), "true or false"),
-    "dropout_rate": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "hidden_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "width": (lambda v: _is_num(v) and v > 0, "a positive number"),
-    "pool_size": (_pair, "two positive integers"),
-    "l2norm": (lambda v: isinstance(v, bool), "true or false"),
-    "bn_momentum": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "bn_epsilon": (lambda v: _is_num(v) and v > 0, "a positive number"),
-    "cfg": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
-    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
-    "head": (lambda v: v in ("fc", "ssd"), '"fc" or "ssd"'),
-    "lrn_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "lrn_alpha": (lambda v: _is_num(v) and v >= 0, "a non-negative number"),
-    "lrn_beta": (lambda v: _is_num(v) and v >= 0, "a non-negative number"),
-    "lrn_k": (lambda v: _is_num(v) and v > 0, "a positive number"),
-    "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
-    "param_dtype": (lambda v: v in ("float32", "bfloat16", "float16"),
-                    "float32, bfloat16 or float16"),
-}
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()  # numpy scalars, which the field rules accept (np.float32(0.25))
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def module_overrides(module: VGG, name: str) -> dict[str, Any]:
@@ -86,7 +57,7 @@ def module_overrides(module: VGG, name: str) -> dict[str, Any]:
         value = getattr(module, f)
         if value != getattr(base, f):
             out[f] = jnp.dtype(value).name if f in DTYPE_FIELDS else value
-    return json.loads(json.dumps(out))
+    return json.loads(json.dumps(out, default=_json_scalar))
 
 
 def overrides_from_json(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +74,9 @@ def _handler() -> ocp.PyTreeCheckpointHandler:
     the arrays meanwhile)."""
     th = ocp.type_handlers
     handlers = [(np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False))]
-    for ty in (int, float, bytes, np.number, str):
+    # jax.Array as well, although the leaves are numpy: orbax looks its handler up for array
+    # metadata and logs "No jax.Array in TypeHandlerRegistry" on every save without it
+    for ty in (int, float, bytes, np.number, str, jax.Array):
         handlers.append((ty, th.get_type_handler(ty)))
     return ocp.PyTreeCheckpointHandler(
         use_compression=False, type_handler_registry=th.create_type_handler_registry(*handlers))
@@ -136,6 +109,13 @@ def save(path: str | os.PathLike, variables: Any, name: str, *, module: VGG | No
     nothing else. Written to a temporary sibling and renamed, so a crash leaves no half checkpoint.
     """
     path = Path(path).absolute()
+    module = module or registry.create(name)
+    mismatch = variables_mismatch(module, variables)
+    if mismatch:  # load() would refuse the checkpoint: write nothing
+        raise WeightMismatchError(f"the variables do not fit {name} with fields "
+                                  f"{module_overrides(module, name)} ({mismatch}); pass "
+                                  f"module=vgg_flax.create({name!r}, ...) with the fields they "
+                                  "were made with")
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,10 +161,9 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         if k not in saved_fields():
             raise CheckpointError(f"{f}: unknown override {k!r}; stored fields are "
                                   f"{', '.join(saved_fields())}; {_REMAKE}")
-        check, want = _CHECKS.get(k, (lambda v: True, ""))
-        if not check(v):
-            raise CheckpointError(f"{f}: override {k} = {json.dumps(v)} must be {want}; "
-                                  f"fix the file or {_REMAKE}")
+        if not FIELDS[k].check(v):  # the VGG's own rules (model.FIELDS), on the JSON value
+            raise CheckpointError(f"{f}: override {k} = {json.dumps(v)} must be "
+                                  f"{FIELDS[k].allowed}; fix the file or {_REMAKE}")
     return info
 
 
@@ -202,10 +181,18 @@ def name_of(path: str | os.PathLike) -> str:
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
     """(module, variables) from a directory written by ``save``, or, given a model name such as
     ``"vgg16"``, its published weights through ``vgg_flax.pretrained``. ``overrides`` change
-    fields that do not change shapes (``taps``, ``dense``, ``dtype``...)."""
+    fields that do not change shapes (``taps``, ``dense``, ``dtype``...). The variables are
+    ``jax.Array``s on the default device."""
     if is_model_name(path):
         from vgg_flax.pretrained import pretrained
         return pretrained(path, **overrides)
+    module, variables = read(path, **overrides)
+    return module, on_device(variables, consume=True)
+
+
+def read(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
+    """``load`` of a directory with numpy leaves as orbax restores them: for readers that
+    write them elsewhere (the converter, ``pretrained``'s cache) without a trip to the device."""
     path = Path(path).absolute()
     info = read_info(path)
     module = registry.create(info["name"], **{**overrides_from_json(info.get("overrides", {})), **overrides})
@@ -220,12 +207,9 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]
         raise CheckpointError(f"{path}: cannot read the stored variables ({first}); the "
                               f"checkpoint is damaged or incomplete: {_REMAKE}") from None
     # The module must be able to use them: same tree, same shapes.
-    try:
-        in_channels = variables["params"]["conv1_1"]["kernel"].shape[2]
-    except (KeyError, TypeError, IndexError):
-        in_channels = None
-    expected = jax.tree.map(lambda a: tuple(a.shape), abstract_variables(module, in_channels or 3))
-    if in_channels is None or jax.tree.map(np.shape, variables) != expected:
+    mismatch = variables_mismatch(module, variables)
+    if mismatch:
         raise CheckpointError(f"{path}: the stored variables do not fit {info['name']} with "
-                              f"{info.get('overrides', {})}; the checkpoint is damaged or was edited")
+                              f"{info.get('overrides', {})} ({mismatch}); the checkpoint is "
+                              "damaged or was edited")
     return module, variables

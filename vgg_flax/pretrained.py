@@ -16,6 +16,7 @@ the second call reads it back and converts nothing. Conversion is the converter'
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from vgg_flax import arch, checkpoint, registry
 from vgg_flax.model import INITS, VGG, abstract_variables
-from vgg_flax.weights import WeightMismatchError
+from vgg_flax.weights import WeightMismatchError, on_device
 
 CACHE_ENV = "VGG_FLAX_CACHE"
 SSD_NAME = "vgg16_ssd"
@@ -57,12 +58,33 @@ def hf_repo(name: str) -> str | None:
     return f"timm/{name}.tv_in1k" if arch.VARIANTS[name].torchvision else None
 
 
+class HubUnreachable(OSError):
+    """A request to the Hugging Face hub got no answer (no network, DNS, proxy, timeout)."""
+
+
+def _check_reachable(repo_id: str, filename: str, timeout: float = 5.0) -> None:
+    """One request for the file's metadata, without retries; HubUnreachable if it gets no answer.
+    huggingface_hub retries a failed connection five times with backoff (23 s offline, two
+    warnings a retry) before its own error; this fails in the time of one request."""
+    import httpx2
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=timeout)
+    except HfHubHTTPError:
+        pass  # the hub answered (missing or gated repo...): hf_hub_download reports it
+    except httpx2.TransportError as err:
+        raise HubUnreachable(f"{type(err).__name__}: {err}") from None
+
+
 def hub_file(repo_id: str, filename: str = "model.safetensors", *, progress: bool = True) -> Path:
     """A file of a Hugging Face repo, from huggingface_hub's cache or downloaded into it.
 
-    huggingface_hub's own errors propagate (``LocalEntryNotFoundError`` offline, an
-    ``HfHubHTTPError`` for a missing repo or file)."""
-    from huggingface_hub import hf_hub_download
+    huggingface_hub's own errors propagate (``LocalEntryNotFoundError`` with HF_HUB_OFFLINE, an
+    ``HfHubHTTPError`` for a missing repo or file); ``HubUnreachable`` when the hub does not
+    answer and the file is not cached."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
     kwargs: dict[str, Any] = {}
     if not progress:
         from tqdm.auto import tqdm
@@ -72,6 +94,13 @@ def hub_file(repo_id: str, filename: str = "model.safetensors", *, progress: boo
                 kw["disable"] = True
                 super().__init__(*args, **kw)
         kwargs["tqdm_class"] = _Quiet
+    try:  # the cache first, without a request
+        return Path(hf_hub_download(repo_id, filename, library_name="vgg_flax",
+                                    local_files_only=True, **kwargs))
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    _check_reachable(repo_id, filename)
     return Path(hf_hub_download(repo_id, filename, library_name="vgg_flax", **kwargs))
 
 
@@ -93,6 +122,9 @@ def _member(name: str, weights: str | None) -> str:
 def _hf_reason(err: BaseException) -> str:
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
+    if isinstance(err, HubUnreachable):
+        return (f"no answer: {err}; not in the HF cache {constants.HF_HUB_CACHE} either; set "
+                "HF_HUB_OFFLINE=1 to look only in the caches")
     if isinstance(err, LocalEntryNotFoundError):
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "cannot connect"
         return f"{how} and it is not in the HF cache {constants.HF_HUB_CACHE}"
@@ -105,7 +137,7 @@ def _from_cache(path: Path, name: str) -> dict[str, Any]:
         info = checkpoint.read_info(path)
         if info.get("name") != name or info.get("overrides"):
             raise ValueError(f"it holds {info.get('name')} {info.get('overrides') or ''}")
-        _, variables = checkpoint.load(path)
+        _, variables = checkpoint.read(path)
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(f"vgg_flax's cache entry {path} is not {name}'s pretrained "
                                       f"weights ({err}); delete it and call again") from None
@@ -126,11 +158,26 @@ def _store(path: Path, variables: Mapping[str, Any], name: str, module: VGG,
                           "directory)", stacklevel=3)
 
 
+def _torch_hub_file(name: str) -> Path:
+    """Where torchvision's weights API caches ``name``'s file (``convert.hub_cache_file``),
+    found as ``torch.hub.get_dir()`` finds it but without importing torch unless it is."""
+    import sys
+    if "torch" in sys.modules:  # torch.hub.set_dir may have moved it
+        home = Path(sys.modules["torch"].hub.get_dir())
+    else:
+        home = Path(os.environ.get("TORCH_HOME") or Path(
+            os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "torch").expanduser() / "hub"
+    return home / "checkpoints" / registry.metadata(name)["weights_url"].rsplit("/", 1)[-1]
+
+
 def _convert(name: str, member: str, cache: Path, progress: bool) -> dict[str, Any]:
     """Find a source (HF hub, then torchvision), convert, cache. WeightsUnavailableError if none."""
     from vgg_flax import convert
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
     looked = [f"vgg_flax's cache {cache} (no copy)"]
     prep = None
+    offline = constants.HF_HUB_OFFLINE
     repo = hf_repo(name)
     if repo is None:
         looked.append(f"the Hugging Face hub (timm publishes no {name} {member})")
@@ -139,17 +186,17 @@ def _convert(name: str, member: str, cache: Path, progress: bool) -> dict[str, A
         try:
             path = hub_file(repo, progress=progress)
         except (OSError, EntryNotFoundError) as err:
+            offline = offline or isinstance(err, (HubUnreachable, LocalEntryNotFoundError))
             looked.append(f"the Hugging Face hub {repo} ({_hf_reason(err)})")
         else:
             prep = convert.prepare(name, str(path), progress=progress)
             prep.source.enum = f"hf:{repo}"
     if prep is None:
         tv = f"torchvision's {member} weights in torch's hub cache"
-        try:
-            import torch  # noqa: F401
-            import torchvision  # noqa: F401
-        except ImportError:
+        if not all(importlib.util.find_spec(m) for m in ("torch", "torchvision")):
             looked.append(f"{tv} (torch/torchvision not installed)")
+        elif offline and not _torch_hub_file(name).is_file():  # torch's imports take seconds,
+            looked.append(f"{tv} ({_torch_hub_file(name)} absent)")  # a download would fail
         else:
             cached = convert.hub_cache_file(convert.weights_enum(name)[member])
             try:
@@ -176,7 +223,8 @@ def fit(variables: Mapping[str, Any], name: str, module: VGG, seed: int = 0) -> 
     """``create(name)``'s pretrained ``variables`` for ``module`` (the same variant with other
     fields): cast to its ``param_dtype``, fc6-fc8 dropped without a top, fc8 re-initialised
     (torchvision's N(0, 0.01), zero bias, ``seed``) when ``num_classes`` differs, with a warning.
-    Any other difference: WeightMismatchError."""
+    Any other difference: WeightMismatchError. Leaves stay where they are (host arrays keep
+    their memory where the dtype is unchanged)."""
     import jax
     abstract = abstract_variables(module, 3)
     out: dict[str, Any] = {}
@@ -191,8 +239,7 @@ def fit(variables: Mapping[str, Any], name: str, module: VGG, seed: int = 0) -> 
                 elif layer == "fc8" and src is not None:
                     fresh.append(f"{layer}/{leaf}")
                     init = INITS["fc"] if leaf == "kernel" else (lambda k, s, d: np.zeros(s, d))
-                    value = np.asarray(init(jax.random.fold_in(key, len(fresh)), spec.shape,
-                                            spec.dtype))
+                    value = init(jax.random.fold_in(key, len(fresh)), spec.shape, spec.dtype)
                 else:
                     got = "missing" if src is None else f"{tuple(np.shape(src))}"
                     bad.append(f"{layer}/{leaf}: pretrained {got}, wanted {tuple(spec.shape)}")
@@ -223,7 +270,8 @@ def pretrained(name: str, weights: str | None = None, *, cache_dir: str | os.Pat
     ``conv`` ... Fields that change other shapes raise ``WeightMismatchError``.
     ``cache_dir`` replaces ``$VGG_FLAX_CACHE``; ``progress`` shows download/convert bars;
     ``seed`` draws a re-initialised head. See the module docstring for where it looks;
-    ``WeightsUnavailableError`` when nothing has the weights.
+    ``WeightsUnavailableError`` when nothing has the weights. The variables are ``jax.Array``s
+    on the default device.
     """
     member = _member(name, weights)
     module = registry.create(name, **overrides)
@@ -232,4 +280,5 @@ def pretrained(name: str, weights: str | None = None, *, cache_dir: str | os.Pat
         variables = _from_cache(cache, name)
     else:
         variables = _convert(name, member, cache, progress)
-    return module, fit(variables, name, module, seed)
+    variables = fit(variables, name, module, seed)  # the host arrays as read, where they fit
+    return module, on_device(variables, consume=True)

@@ -3,6 +3,9 @@
 The only place (with ``convert/``) that knows NCHW/OIHW. Convolutions OIHW <-> HWIO, linear
 layers (out, in) <-> (in, out), and fc6's columns permuted once from torch's (C, H, W) flatten
 order to NHWC's (H, W, C), so the Flax model flattens pool5 without a transpose.
+
+Variables handed to a user are ``jax.Array``s on the default device (``on_device``): numpy
+leaves would be copied to the device again by every call of a jitted ``apply``.
 """
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import dataclasses
 from collections import OrderedDict
 from typing import Any, Iterator, Mapping
 
+import jax
 import numpy as np
 
-from vgg_flax import arch, registry
+from vgg_flax import arch, registry, torch_io
 from vgg_flax.model import VGG, abstract_variables
 
 
@@ -76,15 +80,49 @@ def torch_entries(module: VGG) -> list[Entry]:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """A numpy view of a tensor or array (no copy where none is needed)."""
     if isinstance(value, np.ndarray):
         return value
     if hasattr(value, "detach"):  # a torch tensor; bf16 has no numpy dtype of its own
         t = value.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":
             import ml_dtypes
-            return t.float().numpy().astype(ml_dtypes.bfloat16)
+            import torch
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # the same bits
         return t.numpy()
     return np.asarray(value)
+
+
+def empty_aligned(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """``np.empty`` on a 64-byte boundary: jax on CPU can then use the memory as it is
+    (``device_put(..., may_alias=True)``) instead of copying the model once more."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + align, np.uint8)
+    start = (-buf.ctypes.data) % align
+    return buf[start:start + n].view(dtype).reshape(shape)
+
+
+def on_device(variables: Any, *, consume: bool = False) -> Any:
+    """``variables`` with every leaf a ``jax.Array`` on the default device, one leaf at a time.
+
+    ``jax.Array`` leaves stay as they are. Host arrays are copied, so a caller's numpy arrays
+    never alias an (immutable) ``jax.Array``. ``consume=True`` is for arrays the caller hands
+    over and nobody else holds: each host leaf is replaced in ``variables`` (nested dicts) once
+    on the device, so the model is never held twice, and on CPU JAX uses 64-byte-aligned
+    ones (``empty_aligned``) in place. float64 becomes float32 unless ``jax_enable_x64``.
+    """
+    if not consume:
+        return jax.tree.map(
+            lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, may_alias=False),
+            variables)
+    for k, v in variables.items():
+        if isinstance(v, Mapping):
+            on_device(v, consume=True)
+        elif not isinstance(v, jax.Array):
+            variables[k] = jax.device_put(v, may_alias=True)
+        del v
+    return variables
 
 
 def _torch_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -107,7 +145,7 @@ def torch_to_flax_array(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
         ph, pw = module.pool_size
         out = w.shape[0]
         src = w.reshape(out, -1, ph, pw)
-        dst = np.empty((ph, pw, src.shape[1], out), w.dtype)
+        dst = empty_aligned((ph, pw, src.shape[1], out), w.dtype)
         for i in range(0, out, 16):
             dst[..., i:i + 16] = src[i:i + 16].transpose(2, 3, 1, 0)
         return dst.reshape(-1, out)
@@ -170,23 +208,38 @@ def expected_torch_shapes(module: VGG, in_channels: int) -> dict[str, tuple[int,
 
 def from_torch(state_dict: Mapping[str, Any], name: str | VGG, *, dtype: Any = None,
                **overrides: Any) -> dict[str, Any]:
-    """torch state_dict (tensors or numpy arrays) -> Flax variables for VGG ``name``.
+    """torch state_dict (tensors or numpy arrays) -> Flax variables for VGG ``name``. A training
+    checkpoint holding one (under ``state_dict``/``model``, as the converter reads) works too.
 
     ``overrides`` are VGG fields that change shapes (``num_classes=10``, ``width=0.25``...).
     Strict: every missing, unexpected and wrongly shaped key is reported in one
     ``WeightMismatchError``, with the variant the weights look like when it is another one.
-    Arrays keep their dtype unless ``dtype`` is given. ``num_batches_tracked`` is dropped.
+    Leaves are ``jax.Array``s on the default device, of the given arrays' dtype unless ``dtype``
+    is given (float64: see ``on_device``). ``num_batches_tracked`` is dropped.
     """
+    try:
+        state_dict = torch_io.state_dict_in(state_dict, "from_torch's state_dict")
+    except torch_io.WeightFileError as err:
+        raise WeightMismatchError(str(err)) from None
     module = _module(name, overrides)
     check_fit(state_dict, module, name if isinstance(name, str) else "the given module")
     given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     variables: dict[str, Any] = {}
     for e in torch_entries(module):
-        w = torch_to_flax_array(e, _to_numpy(given[e.torch_key]), module)
-        if dtype is not None:
-            w = w.astype(dtype)
+        src = _to_numpy(given[e.torch_key])
+        w = torch_to_flax_array(e, src, module)
+        want = jax.dtypes.canonicalize_dtype(w.dtype if dtype is None else dtype)
+        # Each leaf is converted into memory of its own (never a view of the caller's tensors,
+        # which may change later) that jax on CPU uses in place: one copy of the model.
+        if (np.may_share_memory(w, src) or w.dtype != want or not w.flags.c_contiguous
+                or w.ctypes.data % 64):
+            own = empty_aligned(w.shape, want)
+            np.copyto(own, w, casting="unsafe")
+            w = own
+        del src
         variables.setdefault(e.collection, {}).setdefault(e.path[0], {})[e.path[1]] = \
-            np.ascontiguousarray(w)
+            jax.device_put(w, may_alias=True)
+        del w
     return variables
 
 

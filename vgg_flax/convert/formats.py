@@ -41,16 +41,28 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def format_for(out: Path | None, fmt: str | None) -> str:
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        return fmt
+def _format_of_suffix(out: Path | None) -> str:
     if out is not None and out.suffix == ".safetensors":
         return "safetensors"
     if out is not None and out.suffix in (".msgpack", ".flax"):
         return "msgpack"
     return "orbax"
+
+
+def format_for(out: Path | None, fmt: str | None) -> str:
+    """The output format: ``fmt``, which must agree with ``out``'s suffix (readers, ours
+    included, pick the format by it), or the one the suffix names (none: orbax)."""
+    if fmt is None:
+        return _format_of_suffix(out)
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if out is not None and _format_of_suffix(out) != fmt:
+        want = {"orbax": "a directory name (no .safetensors/.msgpack suffix)",
+                "safetensors": "a .safetensors file name", "msgpack": "a .msgpack file name"}
+        raise ConversionError(f"--format {fmt} does not match --out {out}: {fmt} output needs "
+                              f"{want[fmt]}; change --out, or drop --format (--out's suffix "
+                              "picks the format)")
+    return fmt
 
 
 def default_out(name: str, fmt: str) -> Path:
@@ -134,7 +146,7 @@ def _read_orbax(path: Path):
                               "checkpoint is damaged: re-create it")
     build_module(info["name"], None, checkpoint.overrides_from_json(overrides))  # fields' errors
     try:
-        module, variables = checkpoint.load(path)
+        module, variables = checkpoint.read(path)  # numpy: they are written out again
     except (OSError, RuntimeError, ValueError) as err:  # tensorstore: missing or damaged files
         raise ConversionError(f"{path}: cannot read its arrays ({torch_io.short_error(err)}); "
                               "the checkpoint is damaged: re-create it") from None

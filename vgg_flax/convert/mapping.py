@@ -12,7 +12,9 @@ from vgg_flax import registry, torch_io, weights
 from vgg_flax.convert import layouts, sources
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.memory import empty_aligned
+from vgg_flax.model import DTYPES as FLOAT_DTYPES
 from vgg_flax.torch_io import Tensor, WeightFileError
+from vgg_flax.weights import on_device
 
 DTYPES = ("float32", "float16", "bfloat16", "keep")
 CHUNK_BYTES = 32 << 20  # row blocks for large tensors: bounds the transient copy
@@ -87,19 +89,34 @@ def out_dtype(dtype: str, tensors: Mapping[str, Tensor]) -> np.dtype:
         if len(floats) > 1:
             raise ConversionError(f"--dtype keep: the weights mix {sorted(d.name for d in floats)}; "
                                   "pick one with --dtype float32|float16|bfloat16")
-        return floats.pop() if floats else np.dtype(np.float32)
+        kept = floats.pop() if floats else np.dtype(np.float32)
+        if kept.name not in FLOAT_DTYPES:  # float64: no VGG param_dtype (model.FIELDS)
+            raise ConversionError(f"--dtype keep: the weights are {kept.name}, which a VGG does "
+                                  "not hold; pick --dtype float32|float16|bfloat16")
+        return kept
     return torch_io.np_dtype(dtype)
 
 
+def nonfinite_error(where: str, counts: Mapping[str, int]) -> ConversionError:
+    """Weights holding NaN or inf (a diverged run, a damaged file): one line naming them."""
+    named = ", ".join(f"{k} ({n:,})" for k, n in list(counts.items())[:4])
+    more = f" and {len(counts) - 4} more tensors" if len(counts) > 4 else ""
+    return ConversionError(f"{where} holds NaN or inf values in {named}{more}; these weights "
+                           "are broken (a diverged training run, or a damaged file): nothing "
+                           "written")
+
+
 def map_to_flax(tensors: Mapping[str, Tensor], module, dtype: np.dtype,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, where: str = "the weights") -> dict[str, Any]:
     """Flax variables (numpy) for ``module`` from library-layout tensors, converting each tensor in
     row blocks and releasing its file pages, so the source is never resident next to the copy.
-    Params take ``dtype``; BatchNorm statistics stay float32."""
+    Params take ``dtype``; BatchNorm statistics stay float32. NaN or inf anywhere:
+    ConversionError naming the tensors (``where`` names their source)."""
     from tqdm.auto import tqdm
     entries = weights.torch_entries(module)
     variables: dict[str, Any] = {}
     total = sum(tensors[e.torch_key].nbytes for e in entries)
+    nonfinite: dict[str, int] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting",
               disable=None if progress else True,  # None: only on a terminal
               leave=False) as bar:
@@ -114,9 +131,14 @@ def map_to_flax(tensors: Mapping[str, Tensor], module, dtype: np.dtype,
             for r0 in range(0, rows, step):
                 block = weights.torch_to_flax_array(e, src.rows(slice(r0, r0 + step)), module)
                 out[..., r0:r0 + step] = block.astype(want, copy=False)
+                bad = block.size - np.count_nonzero(np.isfinite(block))
+                if bad:
+                    nonfinite[e.torch_key] = nonfinite.get(e.torch_key, 0) + int(bad)
                 bar.update(block.nbytes)
             src.release()
             variables.setdefault(e.collection, {}).setdefault(e.path[0], {})[e.path[1]] = out
+    if nonfinite:
+        raise nonfinite_error(where, nonfinite)
     return variables
 
 
@@ -138,6 +160,8 @@ def prepare(name: str, weights: str | os.PathLike | None = None, *, num_classes:
             progress: bool = True) -> Prepared:
     """Open and check everything before any output is written (all errors: ConversionError)."""
     module, fields = sources.build_module(name, num_classes, overrides)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ConversionError(f"--seed {seed}: must be an integer in [0, 2**63)")
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source = sources.resolve_weights(name, weights, progress)
@@ -175,7 +199,9 @@ def load_torch_weights(name: str, weights: str | os.PathLike | None = None, **kw
     """(module, variables) for VGG ``name`` from a torch weights file or torchvision's weights.
 
     ``kwargs``: num_classes, overrides (VGG fields), dtype, ssd_from_classifier,
-    ssd_features_only, seed, progress. Raises ConversionError for any bad input.
+    ssd_features_only, seed, progress. Raises ConversionError for any bad input. The variables
+    are ``jax.Array``s on the default device (on CPU, in ``map_to_flax``'s memory: no copy).
     """
     p = prepare(name, weights, **kwargs)
-    return p.module, map_to_flax(p.tensors, p.module, p.dtype, kwargs.get("progress", True))
+    variables = map_to_flax(p.tensors, p.module, p.dtype, kwargs.get("progress", True))
+    return p.module, on_device(variables, consume=True)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import resource
-from typing import Any
 
-import numpy as np
+from vgg_flax.weights import empty_aligned  # noqa: F401 - host arrays jax uses in place
 
 
 def peak_rss_bytes() -> int:
@@ -21,16 +20,6 @@ def release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
-
-
-def empty_aligned(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """``np.empty`` on a 64-byte boundary: jax on CPU can then use the memory as it is
-    (``device_put(..., may_alias=True)``) instead of copying the model once more."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(n + align, np.uint8)
-    start = (-buf.ctypes.data) % align
-    return buf[start:start + n].view(dtype).reshape(shape)
 
 
 def mb(n: int) -> str:
