@@ -684,6 +684,40 @@ T2F_BAD = [  # (tag, arguments after the name, words the one line must hold)
 ]
 
 
+def _with(*flags, out="o"):
+    return lambda t, s: ["--weights", s, *flags, "--out", t / out]
+
+
+# Bad values (issue 26): --set is checked against the VGG's own field rules (model.FIELDS, as
+# create() checks them), numeric flags are range-checked, --format must agree with --out.
+T2F_BAD += [
+    ("set_conv", _with("--set", "conv=cuda"),
+     ["--set conv=cuda: conv (convolution implementation) must be 'auto', 'onednn' or 'xla', got 'cuda'"]),
+    ("set_width_text", _with("--set", "width=abc"),
+     ["--set width=abc: width (channel multiplier) must be a finite number > 0, got 'abc'"]),
+    ("set_pool_int", _with("--set", "pool_size=1"),
+     ["--set pool_size=1", "two positive integers", "got 1", "--set pool_size=7,7"]),
+    ("set_hidden_float", _with("--set", "hidden_size=64.5"), ["a positive integer, got 64.5"]),
+    ("set_dtype_int8", _with("--set", "dtype=int8"), ["float32, bfloat16 or float16, got 'int8'"]),
+    ("set_dropout_nan", _with("--set", "dropout_rate=nan"), ["dropout_rate", "[0, 1), got nan"]),
+    ("set_taps", _with("--set", "taps=relu1_1"),
+     ["--set taps=relu1_1: taps is not a property of the weights", "vgg_flax.load(path, taps=...)"]),
+    ("set_taps_tuple", _with("--set", "taps=relu1_1,relu2_1"), ["not a property of the weights"]),
+    ("set_unknown", _with("--set", "colour=1"), ["--set colour=1: unknown VGG field 'colour'"]),
+    ("verify_batch_zero", _with("--verify-batch", "0"),
+     ["--verify-batch 0 and no --image leave nothing to verify on", "--no-verify"]),
+    ("verify_batch_negative", _with("--verify-batch", "-1"), ["--verify-batch -1: must be an integer >= 0"]),
+    ("rtol_nan", _with("--rtol", "nan"), ["--rtol nan: the tolerance", "a finite number >= 0"]),
+    ("rtol_negative", _with("--rtol", "-1"), ["--rtol -1.0: the tolerance"]),
+    ("rtol_inf", _with("--rtol", "inf"), ["--rtol inf: the tolerance"]),
+    ("seed_negative", _with("--seed", "-1"), ["--seed -1: must be an integer in [0, 2**63)"]),
+    ("msgpack_as_safetensors", _with("--format", "msgpack", out="x.safetensors"),
+     ["--format msgpack does not match --out", "x.safetensors", "a .msgpack file name"]),
+    ("safetensors_no_suffix", _with("--format", "safetensors"), ["a .safetensors file name"]),
+    ("orbax_as_msgpack", _with("--format", "orbax", out="x.msgpack"), ["a directory name"]),
+]
+
+
 @pytest.mark.parametrize("tag, args, expect", T2F_BAD, ids=[c[0] for c in T2F_BAD])
 def test_torch_to_flax_bad_input_table(tmp, small, tag, args, expect):
     d = tmp / f"t2f_bad_{tag}"
@@ -695,6 +729,101 @@ def test_torch_to_flax_bad_input_table(tmp, small, tag, args, expect):
     for e in expect:
         assert e in line, line
     assert sorted(x.name for x in d.iterdir()) == ["a_file"]
+
+
+def test_nan_weights_are_named(tmp, small, converted_msgpack):
+    """NaN weights used to come out as "outputs differ beyond the tolerance" (or, unverified,
+    to be written): one line naming the tensors, both ways, nothing written."""
+    from flax import serialization
+    sd = {k: v.clone() for k, v in small[1].items()}
+    sd["features.3.weight"][0, 0, 0, :2] = float("nan")
+    sd["classifier.6.bias"][0] = float("inf")
+    d = tmp / "nan_weights"
+    d.mkdir()
+    torch.save(sd, d / "nan.pth")
+    for extra in ([], ["--no-verify"]):
+        p = cli(C.torch_to_flax_main, "vgg11", "--weights", d / "nan.pth", *SMALL_FLAGS, *extra,
+                "--out", d / "o")
+        line = one_error_line(p)
+        assert p.returncode == 2 and "holds NaN or inf values in features.3.weight (2), " \
+            "classifier.6.bias (1)" in line and "nothing written" in line, line
+    variables = serialization.msgpack_restore(converted_msgpack.read_bytes())
+    bias = variables["params"]["conv1_1"]["bias"] = variables["params"]["conv1_1"]["bias"].copy()
+    bias[3] = float("nan")
+    (d / "nan.msgpack").write_bytes(serialization.msgpack_serialize(variables))
+    p = cli(C.flax_to_torch_main, d / "nan.msgpack", "--name", "vgg11", *SMALL_FLAGS[:-2],
+            "--out", d / "back.pth")
+    assert p.returncode == 2 and "NaN or inf values in params/conv1_1/bias (1)" in one_error_line(p)
+    assert sorted(x.name for x in d.iterdir()) == ["nan.msgpack", "nan.pth"]
+
+
+def test_float64_weights_kept_are_refused(tmp, small):
+    """--dtype keep of float64 weights wrote a checkpoint whose param_dtype load refuses."""
+    d = tmp / "float64_keep"
+    d.mkdir()
+    torch.save({k: v.double() if v.is_floating_point() else v for k, v in small[1].items()},
+               d / "f64.pth")
+    p = cli(C.torch_to_flax_main, "vgg11", "--weights", d / "f64.pth", *SMALL_FLAGS,
+            "--dtype", "keep", "--no-verify", "--out", d / "o")
+    assert p.returncode == 2 and "--dtype keep: the weights are float64" in one_error_line(p)
+    assert sorted(x.name for x in d.iterdir()) == ["f64.pth"]
+
+
+@pytest.fixture(scope="session")
+def converted_msgpack(tmp, small) -> Path:
+    out = tmp / "converted_small.msgpack"
+    cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", out, "--no-verify",
+        *SMALL_FLAGS, check=0)
+    return out
+
+
+F2T_ARGS_BAD = [  # (tag, arguments after the msgpack source, words the one line must hold)
+    # weights of other shapes: a ScopeParamShapeError traceback, and with --no-verify exit 0
+    # and tensors written under the wrong names
+    ("other_shapes", ["--name", "vgg11"],
+     ["holds vgg11 weights made with other fields", "pass --num-classes 10 --set width=0.25 "
+      "--set hidden_size=64 --set pool_size=1,1"]),
+    ("other_shapes_unverified", ["--name", "vgg11", "--no-verify"], ["pass --num-classes 10"]),
+    ("other_variant", ["--name", "vgg13", *SMALL_FLAGS[:-2], "--no-verify"],
+     ["does not hold vgg13 weights of these shapes", "params/conv1_2/kernel is missing"]),
+    ("zero_classes", ["--name", "vgg11", "--num-classes", "0"], ["--num-classes 0"]),
+    ("set_pool_int", ["--name", "vgg11", "--set", "pool_size=1"], ["--set pool_size=1"]),
+    ("rtol_nan", ["--name", "vgg11", *SMALL_FLAGS[:-2], "--rtol", "nan"], ["--rtol nan"]),
+    ("verify_batch_negative", ["--name", "vgg11", *SMALL_FLAGS[:-2], "--verify-batch", "-2"],
+     ["--verify-batch -2"]),
+]
+
+
+@pytest.mark.parametrize("tag, args, expect", F2T_ARGS_BAD, ids=[c[0] for c in F2T_ARGS_BAD])
+def test_flax_to_torch_bad_arguments_table(tmp, converted_msgpack, tag, args, expect):
+    d = tmp / f"f2t_args_{tag}"
+    d.mkdir()
+    p = cli(C.flax_to_torch_main, converted_msgpack, "--out", d / "x.pth", *args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    line = one_error_line(p)
+    for e in expect:
+        assert e in line, line
+    assert list(d.iterdir()) == []
+
+
+@pytest.mark.parametrize("max_rel, why", [(0.5, "outputs differ beyond the tolerance"),
+                                          (float("nan"), "the outputs are not finite (NaN or inf)")])
+def test_failed_verification_summary_says_nothing_was_written(tmp, small, monkeypatch, max_rel,
+                                                              why):
+    """The summary used to print "-> OUT (orbax, 0.0 MB)" above "OUT was not written"."""
+    from vgg_flax.convert import jobs
+    monkeypatch.setattr(jobs.V, "verify", lambda *a, **k: C.Verification(
+        2, 32, max_rel, max_rel, None, 1e-4, ("logits",)))
+    monkeypatch.setattr(jobs.V, "flax_outputs", lambda *a, **k: None)
+    d = tmp / f"verify_fails_{max_rel}"
+    d.mkdir()
+    p = cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", d / "o", *SMALL_FLAGS)
+    assert p.returncode == 1, p.stderr
+    assert f"-> nothing written to {d / 'o'} (verification failed)" in p.stdout, p.stdout
+    assert "(orbax," not in p.stdout
+    assert one_error_line(p) == (f"error: {why}; {d / 'o'} was not written (--no-verify writes "
+                                 "it unchecked)")
+    assert list(d.iterdir()) == []
 
 
 def test_write_failure_is_one_line_and_cleans_up(tmp, small, monkeypatch):

@@ -219,7 +219,7 @@ def test_fast_path_is_taken(net):
 
 def test_conv_choice_is_explicit(net, monkeypatch):
     model, params, x = net
-    with pytest.raises(ValueError, match="conv must be one of"):
+    with pytest.raises(ValueError, match="VGG field conv .*must be .auto., .onednn. or .xla., got .cudnn."):
         model.clone(conv="cudnn").apply({"params": params}, x)
     # "onednn" is a requirement: where it cannot run, one line, not a silent fallback
     half = model.clone(conv="onednn", dtype=jnp.float16)

@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="train/export.py", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="directory of a train/train.py run")
     parser.add_argument("--out", required=True, help="output directory (vgg_flax.save format)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--step", type=cli.non_negative_int, default=None,
+                        help="checkpoint step (default: latest)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
     from train import trainer

@@ -14,6 +14,7 @@ import ml_collections
 
 import vgg_flax
 from train import input_pipeline, sharding
+from vgg_flax.model import FIELDS, field_problem
 
 REQUIRED_KEYS = ("model", "dataset", "batch_size", "total_steps", "checkpoint_every_steps",
                  "eval_every_steps", "seed", "mesh.data", "mesh.model")
@@ -92,16 +93,10 @@ def _check_ranges(config) -> None:
     for key in ("optimizer.weight_decay", "optimizer.grad_clip_norm", "input.colour_shift",
                 "schedule.plateau_rtol"):
         _number(config, key, 0)
-    for key in ("optimizer.momentum", "optimizer.b1", "optimizer.b2", "label_smoothing",
-                "model_overrides.dropout_rate"):
+    for key in ("optimizer.momentum", "optimizer.b1", "optimizer.b2", "label_smoothing"):
         _number(config, key, 0, 1, high_open=True)
     _number(config, "optimizer.eps", 0, low_open=True)
     _number(config, "schedule.plateau_factor", 0, 1, low_open=True)
-    _number(config, "model_overrides.width", 0, low_open=True)
-    _number(config, "model_overrides.hidden_size", 0, low_open=True, integer=True)
-    pool = config.model_overrides.get("pool_size")
-    if pool is not None and not all(isinstance(p, int) and p > 0 for p in pool):
-        raise ConfigError(f"model_overrides.pool_size must be positive integers, got {pool!r}")
     for key in ("mean", "std"):
         values = config.input.get(key)
         if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v)
@@ -109,6 +104,37 @@ def _check_ranges(config) -> None:
             raise ConfigError(f"input.{key} must be finite numbers, got {values!r}")
     if any(s <= 0 for s in config.input.get("std", ())):
         raise ConfigError(f"input.std must be positive, got {config.input.std!r}")
+
+
+# model_overrides the trainer sets itself (make_model).
+_SET_BY_TRAINER = {"num_classes": "the dataset sets it", "dtype": "set compute_dtype instead",
+                   "param_dtype": "parameters train in float32"}
+
+
+def check_model(config) -> None:
+    """``model`` and ``model_overrides``: a classification VGG whose fields pass the VGG's own
+    rules (``vgg_flax.model.FIELDS``, which ``create``, ``load`` and the converter use), so a
+    run never trains a model that export cannot write or ``vgg_flax.load`` cannot read."""
+    if config.model not in vgg_flax.list_models():
+        raise ConfigError(f"unknown model {config.model!r}; choose one of: "
+                          f"{', '.join(vgg_flax.list_models())}")
+    if vgg_flax.create(config.model).head != "fc":
+        raise ConfigError(f"{config.model} has no classifier head; train a classification VGG")
+    overrides = config.model_overrides.to_dict()
+    for key, value in overrides.items():
+        if key in _SET_BY_TRAINER:
+            raise ConfigError(f"model_overrides.{key} cannot be set ({_SET_BY_TRAINER[key]}); "
+                              f"remove --config.model_overrides.{key}")
+        problem = field_problem(key, value) if key in FIELDS else None
+        if problem:
+            raise ConfigError(f"model_overrides.{problem}; set --config.model_overrides.{key}")
+        if (key == "taps" and value) or (key == "include_top" and not value):
+            raise ConfigError(f"model_overrides.{key}={value!r}: training needs the classifier's "
+                              f"logits; remove --config.model_overrides.{key}")
+    try:
+        vgg_flax.create(config.model, **overrides)
+    except (TypeError, ValueError) as e:  # an unknown field, or fields VGG refuses together
+        raise ConfigError(f"config.model_overrides: {e}") from None
 
 
 def validate(config, num_devices: int | None = None, process_count: int | None = None):
@@ -122,15 +148,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
         except (KeyError, AttributeError):
             raise ConfigError(f"config has no {key!r}; every config needs "
                               f"{', '.join(REQUIRED_KEYS)} (start from train/configs/base.py)")
-    if config.model not in vgg_flax.list_models():
-        raise ConfigError(f"unknown model {config.model!r}; choose one of: "
-                          f"{', '.join(vgg_flax.list_models())}")
-    if vgg_flax.create(config.model).head != "fc":
-        raise ConfigError(f"{config.model} has no classifier head; train a classification VGG")
-    try:
-        vgg_flax.create(config.model, **config.model_overrides.to_dict())
-    except TypeError as e:
-        raise ConfigError(f"config.model_overrides: {e}") from None
+    check_model(config)
     _check_ranges(config)
     _check_dataset_name(config.dataset)
     try:

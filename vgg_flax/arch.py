@@ -106,7 +106,7 @@ def features_layers(cfg: Sequence[Any], batch_norm: bool, width: float = 1.0) ->
             layers.append(Layer(f"norm{block}", "lrn", torch_index=index))
             index += 1
         else:
-            channels, kernel = token if isinstance(token, tuple) else (token, 3)
+            channels, kernel = token if isinstance(token, (tuple, list)) else (token, 3)
             conv += 1
             tag = f"{block}_{conv}"
             layers.append(Layer(f"conv{tag}", "conv", features=scale(channels, width),

@@ -6,8 +6,10 @@ NHWC map needs no transpose at run time.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -166,7 +168,7 @@ def _window_positions() -> Array:
 
 def _first_max(x: Array) -> Array:
     """Row-major position (0..3) of the first maximum of every 2x2 window (a NaN counts as the
-    maximum), int8 (n, h/2, w/2, c), as torch's max_pool2d picks it.
+    maximum, and of several NaNs the last), int8 (n, h/2, w/2, c), as torch's max_pool2d picks it.
 
     The window's elements are compared with each other (no equality test against a separately
     computed maximum), read by strided slices of ``x``, not through a reshape: XLA makes a
@@ -178,8 +180,8 @@ def _first_max(x: Array) -> Array:
     """
     a, b, c, d = x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
 
-    def first(p, q):  # is p, which comes first, the (first) maximum of the pair?
-        return (p >= q) | jnp.isnan(p)
+    def first(p, q):  # is p, which comes first, the maximum of the pair? (torch: the first
+        return ~jnp.isnan(q) & ((p >= q) | jnp.isnan(p))  # maximum, but the last NaN)
 
     left_top, left_bottom = first(a, b), first(c, d)
     upper = first(jnp.where(left_top, a, b), jnp.where(left_bottom, c, d))
@@ -302,6 +304,138 @@ class FC(nn.Module):
         return (y + bias).astype(self.dtype)
 
 
+# -- what each VGG field may hold: one table, checked where a VGG is built -----------------------
+class FieldRule(NamedTuple):
+    check: Callable[[Any], bool]
+    allowed: str   # what the value must be, as an error message says it
+    doc: str       # what the field is
+
+
+# (``type(v) is int`` first: these run whenever a VGG is built or cloned, and an isinstance
+# against the numbers ABCs costs a microsecond each.)
+def _is_int(v) -> bool:
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+
+
+def _is_finite(v) -> bool:
+    return ((type(v) in (int, float) or (isinstance(v, numbers.Real) and not isinstance(v, bool)))
+            and math.isfinite(v))
+
+
+def _positive_int(v) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    return lambda v: (_is_finite(v) and (v > low if low_open else v >= low)
+                      and (v < high if high_open else v <= high))
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_pair(v) -> bool:  # lists too: JSON (train_config.json, vgg_flax.json) has no tuples
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_positive_int(x) for x in v)
+
+
+def _is_cfg(v) -> bool:
+    if not isinstance(v, (tuple, list)):
+        return False
+    layers = [t for t in v if not (isinstance(t, str) and t in ("M", "C", "LRN"))]
+    return len(layers) > 0 and all(_positive_int(t) or _is_pair(t) for t in layers)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(v) -> str | None:
+    try:
+        return jnp.dtype(v).name
+    except TypeError:
+        return None
+
+
+def _is_dtype(v) -> bool:
+    try:
+        return v is not None and _dtype_name(v) in DTYPES
+    except TypeError:  # unhashable
+        return False
+
+
+def _is_precision(v) -> bool:
+    if isinstance(v, (tuple, list)):
+        return len(v) == 2 and all(p is not None and _is_precision(p) for p in v)
+    if v is None or isinstance(v, (lax.Precision, lax.DotAlgorithmPreset, lax.DotAlgorithm)):
+        return True
+    try:
+        return isinstance(v, str) and lax.Precision(v) is not None
+    except ValueError:
+        return False
+
+
+def _is_taps(v) -> bool:
+    return isinstance(v, (tuple, list)) and all(isinstance(t, str) for t in v)
+
+
+def _one_of(*names: str) -> str:
+    return ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}"
+
+
+FIELDS: dict[str, FieldRule] = {
+    "cfg": FieldRule(_is_cfg, "a non-empty sequence of channel counts, (channels, kernel) "
+                     "pairs, 'M', 'C' and 'LRN'", "the layer list, as in arch.CFGS"),
+    "batch_norm": FieldRule(_is_bool, "True or False", "BatchNorm after every convolution"),
+    "head": FieldRule(lambda v: v in ("fc", "ssd"), _one_of("fc", "ssd"),
+                      "classifier or SSD's atrous tail"),
+    "num_classes": FieldRule(_positive_int, "a positive integer", "outputs of fc8"),
+    "include_top": FieldRule(_is_bool, "True or False", "whether the head runs"),
+    "dropout_rate": FieldRule(_number(0, 1, high_open=True), "a finite number in [0, 1)",
+                              "dropout after fc6 and fc7"),
+    "hidden_size": FieldRule(_positive_int, "a positive integer",
+                             "fc6/fc7 width, conv6/conv7 for SSD"),
+    "width": FieldRule(_number(0, low_open=True), "a finite number > 0", "channel multiplier"),
+    "pool_size": FieldRule(_is_pair, "two positive integers (H, W), e.g. (7, 7)",
+                           "pool5's adaptive average pool output"),
+    "l2norm": FieldRule(_is_bool, "True or False", "SSD's L2Norm branch on relu4_3"),
+    "dense": FieldRule(_is_bool, "True or False", "fc6-fc8 as convolutions"),
+    "taps": FieldRule(_is_taps, "a tuple of layer names, e.g. ('relu1_2', 'relu4_3')",
+                      "activations to return"),
+    "bn_momentum": FieldRule(_number(0, 1), "a finite number in [0, 1]",
+                             "torch's BatchNorm momentum"),
+    "bn_epsilon": FieldRule(_number(0, low_open=True), "a finite number > 0", "BatchNorm epsilon"),
+    "lrn_size": FieldRule(_positive_int, "a positive integer", "LRN window in channels"),
+    "lrn_alpha": FieldRule(_number(0), "a finite number >= 0", "LRN alpha"),
+    "lrn_beta": FieldRule(_number(0), "a finite number >= 0", "LRN beta"),
+    "lrn_k": FieldRule(_number(0, low_open=True), "a finite number > 0", "LRN k"),
+    "dtype": FieldRule(_is_dtype, "float32, bfloat16 or float16", "compute dtype"),
+    "param_dtype": FieldRule(_is_dtype, "float32, bfloat16 or float16", "parameter dtype"),
+    "precision": FieldRule(_is_precision, "None, a jax.lax.Precision or its name "
+                           "('highest', ...), or a pair of them", "matmul/convolution precision"),
+    "conv": FieldRule(lambda v: isinstance(v, str) and v in onednn.IMPLS, _one_of(*onednn.IMPLS),
+                      "convolution implementation"),
+}
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """None when ``value`` may be VGG field ``name``, else one line: the field, what it is,
+    what it must be and the value given. (Unknown names are ``create``'s TypeError.)"""
+    rule = FIELDS[name]
+    if rule.check(value):
+        return None
+    return f"{name} ({rule.doc}) must be {rule.allowed}, got {value!r}"
+
+
+def validate_fields(fields: Mapping[str, Any]) -> None:
+    """Raise ValueError (one line) for the first value in ``fields`` that its VGG field may not
+    hold. ``VGG`` runs this whenever one is built (``create``, ``clone``, ``load``)."""
+    for name, value in fields.items():
+        problem = field_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"VGG field {problem}")
+
+
 class VGG(nn.Module):
     """VGG (Simonyan & Zisserman 2014) in NHWC.
 
@@ -318,6 +452,9 @@ class VGG(nn.Module):
     convolution on every platform). All three compute the same function and support every JAX
     transformation; ``precision`` goes to XLA's convolutions (oneDNN accumulates float32 in
     float32, which meets every level).
+
+    Every field is checked against ``FIELDS`` whenever a VGG is built or cloned: a value it may
+    not hold is a one-line ValueError naming the field, the value and what is allowed.
 
     Use ``vgg_flax.create(name, ...)`` or the named classes (``VGG16`` ...) rather than a raw cfg.
     """
@@ -344,11 +481,22 @@ class VGG(nn.Module):
     precision: Any = None
     conv: str = "auto"
 
+    def __post_init__(self):
+        # Every field is checked here, once, against FIELDS: create(), clone(), load(), the
+        # converter's --set and the trainer's model_overrides all build a VGG, so a bad value
+        # fails where it is set, in one line, before anything is traced.
+        validate_fields({name: getattr(self, name) for name in FIELDS})
+        if self.taps:
+            valid = self.tap_names()
+            unknown = [t for t in self.taps if t not in valid]
+            if unknown:
+                raise ValueError(f"VGG field taps: unknown tap(s) {unknown}; this VGG "
+                                 f"has: {', '.join(valid)}")
+        super().__post_init__()
+
     # -- the plan: a pure function of the fields, shared with the weight mapping --------------
     def layers(self) -> list[arch.Layer]:
         """Every layer of the forward pass in order (head included when ``include_top``)."""
-        if self.head not in ("fc", "ssd"):
-            raise ValueError(f"head must be 'fc' or 'ssd', got {self.head!r}")
         plan = arch.features_layers(self.cfg, self.batch_norm, self.width)
         if self.include_top:
             plan += (arch.fc_head_layers(self.hidden_size, self.num_classes) if self.head == "fc"
@@ -382,8 +530,13 @@ class VGG(nn.Module):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"VGG expects float input, got {x.dtype}; "
                              "normalise images first, e.g. with vgg_flax.preprocess")
+        if x.shape[0] == 0:
+            raise ValueError(f"VGG got an empty batch, shape {x.shape}; pass at least one image")
         m = self.min_input_size()
         if x.shape[1] < m or x.shape[2] < m:
+            if x.shape[1] <= 4 and min(x.shape[2], x.shape[3]) >= m:
+                raise ValueError(f"input shape {x.shape} looks channels-first (NCHW); VGG takes "
+                                 "NHWC: x.transpose(0, 2, 3, 1)")
             raise ValueError(f"input {x.shape[1]}x{x.shape[2]} is smaller than the {m}x{m} "
                              "minimum of this VGG; resize the images up")
 
@@ -391,11 +544,7 @@ class VGG(nn.Module):
         """Index in ``layers()`` of the last layer to compute."""
         plan = self.layers()
         if not self.taps or self.is_initializing():
-            return len(plan) - 1  # init always creates every parameter
-        valid = self.tap_names()
-        unknown = [t for t in self.taps if t not in valid]
-        if unknown:
-            raise ValueError(f"unknown tap(s) {unknown}; this VGG has: {', '.join(valid)}")
+            return len(plan) - 1  # init always creates every parameter (taps: __post_init__)
         index = {layer.name: i for i, layer in enumerate(plan)}
         index[arch.L2NORM_NAME] = index.get(arch.L2NORM_AFTER, 0)
         return max(index[t] for t in self.taps)
@@ -434,8 +583,6 @@ class VGG(nn.Module):
         fuses the ReLU that follows a convolution. Call inside a compact method."""
         kind = layer.kind
         if kind == "conv":
-            if self.conv not in onednn.IMPLS:
-                raise ValueError(f"conv must be one of {onednn.IMPLS}, got {self.conv!r}")
             return Conv(layer.features, layer.kernel, layer.padding, layer.dilation,
                         kernel_init=INITS[layer.init], dtype=self.dtype,
                         param_dtype=self.param_dtype, precision=self.precision, impl=self.conv,
@@ -444,7 +591,7 @@ class VGG(nn.Module):
             return BatchNorm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype,
                              param_dtype=self.param_dtype, name=layer.name)(x, train)
         if kind == "relu":
-            return nn.relu(x)
+            return onednn.torch_relu(x)  # torch's ReLU: NaN passes its gradient on
         if kind == "lrn":
             return local_response_norm(x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)
         if kind == "pool":
@@ -472,6 +619,35 @@ def abstract_variables(module: VGG, in_channels: int = 3) -> dict[str, Any]:
     s = module.min_input_size()
     x = jax.ShapeDtypeStruct((1, s, s, in_channels), jnp.float32)
     return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+
+
+def _leaf_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_leaf_shapes(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = tuple(getattr(v, "shape", ()))
+    return out
+
+
+def variables_mismatch(module: VGG, variables: Mapping[str, Any]) -> str | None:
+    """None when ``variables`` have the tree and shapes of ``module.init``'s (for the input
+    channels conv1_1 reads), else one line naming the leaves that differ. Computes nothing."""
+    try:
+        in_channels = int(variables["params"]["conv1_1"]["kernel"].shape[2])
+    except (KeyError, TypeError, IndexError, AttributeError):
+        in_channels = 3
+    want = _leaf_shapes(abstract_variables(module, in_channels))
+    got = _leaf_shapes(variables) if isinstance(variables, Mapping) else {}
+    if got == want:
+        return None
+    problems = [f"{k} is {got[k]}, expected {s}" for k, s in want.items()
+                if k in got and got[k] != s]
+    problems += [f"{k} is missing" for k in want if k not in got]
+    problems += [f"{k} is not used by this VGG" for k in got if k not in want]
+    more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+    return "; ".join(problems[:4]) + more
 
 
 def count_macs(module: VGG, input_shape: Sequence[int]) -> int:

@@ -168,13 +168,20 @@ def short_error(err: BaseException) -> str:
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
-def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
-    """The state_dict inside ``obj``: itself, or a training checkpoint's ``state_dict``/``model``."""
-    import torch
+def _is_array(v: Any) -> bool:
+    return hasattr(v, "shape") and hasattr(v, "dtype")
 
+
+def state_dict_in(obj: Any, where: Any, is_tensor: Callable[[Any], bool] = _is_array
+                  ) -> Mapping[str, Any]:
+    """The state_dict in ``obj``: ``obj`` itself, or a training checkpoint's under
+    ``state_dict``/``model``/``model_state_dict`` (one level deeper too: ``{"model":
+    {"state_dict": ...}}``). The one place both the converter (a ``.pth``'s contents) and
+    ``vgg_flax.from_torch`` (a dict in memory) unwrap checkpoints. ``where`` names ``obj`` in
+    the ``WeightFileError`` (one line) raised when there is no state_dict."""
     def is_state_dict(d) -> bool:
         return (isinstance(d, Mapping) and len(d) > 0 and all(isinstance(k, str) for k in d)
-                and all(isinstance(v, torch.Tensor) for v in d.values()))
+                and all(is_tensor(v) for v in d.values()))
 
     if is_state_dict(obj):
         return obj
@@ -188,10 +195,10 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
                     if is_state_dict(inner.get(key2)):
                         return inner[key2]
         keys = ", ".join(map(repr, list(obj)[:8])) + (" ..." if len(obj) > 8 else "")
-        raise WeightFileError(f"{path} holds a dict without a state_dict (keys: {keys or 'none'}); "
+        raise WeightFileError(f"{where} holds a dict without a state_dict (keys: {keys or 'none'}); "
                               "pass a state_dict (name -> tensor) or a checkpoint with one under "
                               "'state_dict' or 'model'")
-    raise WeightFileError(f"{path} holds a {type(obj).__module__}.{type(obj).__name__}, not a "
+    raise WeightFileError(f"{where} holds a {type(obj).__module__}.{type(obj).__name__}, not a "
                           "state_dict; save one with torch.save(model.state_dict(), path)")
 
 
@@ -330,5 +337,6 @@ def open_weights(path: str | os.PathLike) -> WeightFile:
     if looks_safetensors:
         return WeightFile(p, safetensors_tensors(p), "safetensors")
     obj, mmapped = _torch_load(p)
-    sd = _unwrap(obj, p)
+    import torch
+    sd = state_dict_in(obj, p, lambda v: isinstance(v, torch.Tensor))
     return WeightFile(p, {k: _torch_tensor(v, mmapped) for k, v in sd.items()}, "pth")

@@ -4,14 +4,18 @@ verification fails (nothing written), 2 for bad arguments or files (one line), 1
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Callable, Sequence
 
 from vgg_flax import registry
+from vgg_flax.convert import atomic
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.formats import FORMATS
 from vgg_flax.convert.jobs import Summary, flax_to_torch, torch_to_flax
 from vgg_flax.convert.mapping import DTYPES
+from vgg_flax.convert.sources import check_num_classes
+from vgg_flax.model import FIELDS, field_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,17 +37,38 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+# Fields that change what ``apply`` returns, not the weights: chosen when loading.
+_RUN_TIME_FIELDS = ("taps", "dense")
+
+
 def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` items as VGG fields, each checked against the VGG's own rules
+    (``model.FIELDS``, as ``create`` checks them): one line naming the item otherwise."""
     out = {}
     for item in items or ():
         if "=" not in item:
             raise ConversionError(f"--set {item!r}: write FIELD=VALUE, e.g. --set hidden_size=1024")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
+        k, v = (t.strip() for t in item.split("=", 1))
+        if k not in FIELDS:
+            raise ConversionError(f"--set {item}: unknown VGG field {k!r}; fields are "
+                                  f"{', '.join(f for f in FIELDS if f not in _RUN_TIME_FIELDS)}")
+        if k in _RUN_TIME_FIELDS:
+            raise ConversionError(f"--set {item}: {k} is not a property of the weights; choose "
+                                  f"it when loading them: vgg_flax.load(path, {k}=...)")
+        value = _parse_value(v)
+        problem = field_problem(k, value)
+        if problem is not None:
+            pair = "; write a pair as --set pool_size=7,7" if k == "pool_size" else ""
+            raise ConversionError(f"--set {item}: {problem}{pair}")
+        out[k] = value
     return out
 
 
-def _run(job: Callable[[], Summary]) -> int:
+def _run(job: Callable[[], Summary], argv: Sequence[str] | None = ()) -> int:
+    if argv is None:  # the process's own command line: Ctrl-C ends it at once, cleanly, and
+        with atomic.ExitOnInterrupt():  # so does the end (teardown took seconds, XLA's
+            code = _run(job)            # threads running)
+        atomic.exit_now(code)
     try:
         summary = job()
     except ConversionError as err:
@@ -55,8 +80,10 @@ def _run(job: Callable[[], Summary]) -> int:
     for line in summary.lines():
         print(line)
     if summary.verification is not None and not summary.verification.ok:
-        print(f"error: outputs differ beyond the tolerance; {summary.out} was not written "
-              "(--no-verify writes it unchecked)", file=sys.stderr)
+        why = ("outputs differ beyond the tolerance" if math.isfinite(summary.verification.max_rel)
+               else "the outputs are not finite (NaN or inf)")
+        print(f"error: {why}; {summary.out} was not written (--no-verify writes it unchecked)",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -106,7 +133,7 @@ def torch_to_flax_main(argv: Sequence[str] | None = None) -> int:
                              ssd_from_classifier=args.ssd_from_classifier,
                              ssd_features_only=args.ssd_features_only, seed=args.seed,
                              verify_batch=args.verify_batch)
-    return _run(job)
+    return _run(job, argv)
 
 
 def flax_to_torch_main(argv: Sequence[str] | None = None) -> int:
@@ -131,9 +158,10 @@ def flax_to_torch_main(argv: Sequence[str] | None = None) -> int:
     def job() -> Summary:
         overrides = _parse_sets(args.set)
         if args.num_classes is not None:
+            check_num_classes(args.num_classes)
             overrides["num_classes"] = args.num_classes
         return flax_to_torch(args.src, args.out, force=args.force,
                              verify_outputs=not args.no_verify, name=args.name,
                              overrides=overrides, rtol=args.rtol, images=args.image,
                              verify_batch=args.verify_batch)
-    return _run(job)
+    return _run(job, argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import math
 import os
 import sys
 import time
@@ -13,10 +14,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from vgg_flax import torch_io, weights
+from vgg_flax import registry, torch_io, weights
 from vgg_flax.convert import atomic, formats, verify as V
 from vgg_flax.convert.errors import ConversionError
-from vgg_flax.convert.mapping import Prepared, map_to_flax, prepare
+from vgg_flax.convert.mapping import (Prepared, flags, map_to_flax, nonfinite_error, prepare,
+                                      suggest_overrides)
+from vgg_flax.model import variables_mismatch
 from vgg_flax.convert.memory import mb, peak_rss_bytes, release_memory
 from vgg_flax.convert.sources import check_name
 
@@ -39,10 +42,29 @@ class Summary:
         lines = []
         if self.verification is not None:
             lines.append(self.verification.line())
+        if self.verification is None or self.verification.ok:
+            dest = f"{self.out} ({self.fmt}, {mb(self.out_bytes)})"
+        else:
+            dest = f"nothing written to {self.out} (verification failed)"
         lines.append(f"{self.name}: {self.num_params:,} parameters, {self.source} "
-                     f"({mb(self.source_bytes)}) -> {self.out} ({self.fmt}, {mb(self.out_bytes)}) "
-                     f"in {self.seconds:.1f} s, peak RSS {mb(self.peak_rss)}")
+                     f"({mb(self.source_bytes)}) -> {dest} in {self.seconds:.1f} s, "
+                     f"peak RSS {mb(self.peak_rss)}")
         return lines
+
+
+def check_verify_args(rtol: float, verify_batch: int, images: Sequence[Any],
+                      verify_outputs: bool) -> None:
+    """The verification arguments, before any work: ConversionError (one line) otherwise."""
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not math.isfinite(rtol) \
+            or rtol < 0:
+        raise ConversionError(f"--rtol {rtol}: the tolerance (max |diff| / max |output|) must "
+                              "be a finite number >= 0, e.g. 1e-4")
+    if isinstance(verify_batch, bool) or not isinstance(verify_batch, int) or verify_batch < 0:
+        raise ConversionError(f"--verify-batch {verify_batch}: must be an integer >= 0 (seeded "
+                              "random inputs besides --image)")
+    if verify_outputs and verify_batch == 0 and not images:
+        raise ConversionError("--verify-batch 0 and no --image leave nothing to verify on; pass "
+                              "a positive --verify-batch, --image FILE, or --no-verify")
 
 
 def _num_params(variables) -> int:
@@ -83,6 +105,7 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
     tolerance the output is not written and the returned Summary's ``verification.ok`` is False.
     """
     start = time.perf_counter()
+    check_verify_args(rtol, verify_batch, images, verify_outputs)
     out_path = Path(out) if out is not None else None
     fmt = formats.format_for(out_path, fmt)
     out_path = out_path or formats.default_out(name, fmt)
@@ -95,7 +118,7 @@ def torch_to_flax(name: str, weights: str | os.PathLike | None = None,
     # Inputs (and --image files) are read before any work, so a bad image fails fast.
     x = V.verification_inputs(name, prep.module, in_channels, images, verify_batch) \
         if verify_outputs else None
-    variables = map_to_flax(prep.tensors, prep.module, prep.dtype, progress)
+    variables = map_to_flax(prep.tensors, prep.module, prep.dtype, progress, prep.source.label)
     num_params = _num_params(variables)
     extra = {"converted_from": {"source": prep.source.label, "notes": prep.notes}}
     result = None
@@ -137,6 +160,29 @@ def _torch_side(path: Path) -> Callable[[], V.TorchWeights]:
     return load
 
 
+def _misfit_message(src: Path, name: str, variables, mismatch: str) -> str:
+    """One line for Flax variables of other shapes than ``name``'s module: the flags that make
+    them fit when their shapes say so (read as torch shapes), else the leaves that differ."""
+    fix = "pass --name, --num-classes and --set with the fields they were made with"
+    try:
+        shapes = {}
+        for e in weights.torch_entries(registry.create(name)):
+            leaf = variables[e.collection][e.path[0]][e.path[1]]
+            shapes[e.torch_key] = _Shaped(weights._torch_shape(e, tuple(leaf.shape)))
+        suggestion = suggest_overrides(shapes, name)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        suggestion = None
+    if suggestion:
+        return (f"{src} holds {name} weights made with other fields (read from their shapes): "
+                f"pass {flags(suggestion)}")
+    return f"{src} does not hold {name} weights of these shapes ({mismatch}); {fix}"
+
+
+@dataclasses.dataclass
+class _Shaped:
+    shape: tuple[int, ...]
+
+
 def _np_to_torch(a: np.ndarray):
     import torch
     if not a.flags.writeable:  # e.g. views into a msgpack buffer; torch wants its own memory
@@ -154,6 +200,7 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
     a torch state_dict file (.pth or .safetensors) that torchvision's ``<name>()`` loads with
     ``strict=True`` (SSD: ``SSDFeatureExtractorVGG``'s keys without extra.1-4)."""
     start = time.perf_counter()
+    check_verify_args(rtol, verify_batch, images, verify_outputs)
     src, out_path = Path(src), Path(out)
     if out_path.suffix not in (".pth", ".pt", ".safetensors"):
         raise ConversionError(f"--out {out_path}: use a .pth, .pt or .safetensors file name")
@@ -161,6 +208,9 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
     if name is not None:
         check_name(name)
     name, module, variables = formats.read_flax(src, name, overrides)
+    mismatch = variables_mismatch(module, variables)
+    if mismatch:  # never write tensors under another layer's name
+        raise ConversionError(_misfit_message(src, name, variables, mismatch))
     src_bytes = atomic.path_size(src)
     num_params = _num_params(variables)
     lacks = (f"{src} lacks {{}} needed by {name}; was it written for another VGG variant?")
@@ -168,6 +218,10 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
         in_channels = np.asarray(variables["params"]["conv1_1"]["kernel"]).shape[2]
     except (KeyError, TypeError) as err:  # no such leaf, or not a mapping where one belongs
         raise ConversionError(lacks.format(err)) from None
+    nonfinite = {k: bad for k, a in formats.flatten(variables)
+                 if (bad := int(np.size(a) - np.count_nonzero(np.isfinite(a))))}
+    if nonfinite:  # before verification, which would only see NaN outputs
+        raise nonfinite_error(str(src), nonfinite)
     x = V.verification_inputs(name, module, in_channels, images, verify_batch) \
         if verify_outputs else None
     # The Flax side first, on the arrays as read (moved to the device leaf by leaf, no second

@@ -3,12 +3,14 @@ and torch's hub cache), and the VGG they are for."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 from vgg_flax import arch, registry, torch_io
+from vgg_flax.convert import atomic
 from vgg_flax.convert.errors import ConversionError
 
 SSD_NAME = "vgg16_ssd"
@@ -31,14 +33,18 @@ def check_name(name: str) -> None:
                               f"{', '.join(registry.list_models())}")
 
 
+def check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or int(num_classes) < 1:
+        raise ConversionError(f"--num-classes {num_classes}: the head needs at least 1 class")
+
+
 def build_module(name: str, num_classes: int | None = None,
                  overrides: Mapping[str, Any] | None = None):
     """``vgg_flax.create(name, ...)`` with CLI-level errors; returns (module, fields given)."""
     check_name(name)
     fields = dict(overrides or {})
     if num_classes is not None:
-        if isinstance(num_classes, bool) or int(num_classes) < 1:
-            raise ConversionError(f"--num-classes {num_classes}: the head needs at least 1 class")
+        check_num_classes(num_classes)
         fields["num_classes"] = int(num_classes)
     try:
         return registry.create(name, **fields), fields
@@ -111,10 +117,14 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, progress: bool
     cached = hub_cache_file(w)
     label = f"{enum_cls.__name__}.{w.name}"
     if not cached.is_file():
+        # Ctrl-C in the command line mid-download: torch's partial file goes too
+        partial = lambda: [atomic.remove(p) for p in  # noqa: E731
+                           cached.parent.glob(glob.escape(cached.name) + ".*.partial")]
         try:
             # torchvision's own API: progress bar, hub cache, hash check. It also unpickles the
             # file (weights_only); we drop that copy and memory-map the cached file instead.
-            w.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+            with atomic.on_interrupt(partial):
+                w.get_state_dict(progress=progress, check_hash=True, weights_only=True)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # offline: URLError, socket errors, HTTP errors, hash errors
