@@ -1,8 +1,9 @@
 """vgg_flax.lpips against the lpips package (net='vgg', v0.1), and vgg_flax.losses against torch.
 
 lpips' own random trunk (``pnet_rand=True``, seeded, biases made non-zero) with its published
-linear weights; 64x64 images keep it fast. Forward within 1e-5 relative (of the largest value);
-input gradients compared with lpips run in float64: ours no further from it than torch float32.
+linear weights; 64x64 images keep it fast (uint8 images, and 16x16 and 24x40 ones, too).
+Forward within 1e-5 relative (of the largest value); input gradients compared with lpips run in
+float64: ours no further from it than torch float32.
 """
 import copy
 import os
@@ -77,6 +78,53 @@ def test_distance_equals_lpips(reference, spatial):
     assert _rel(got, want) < RTOL  # measured 7e-8 (mean), 9e-7 (spatial)
     assert _rel(one, want) < RTOL
     assert _rel(got01, want01.reshape(want.shape)) < RTOL
+
+
+def test_uint8_images_are_0_255_as_lpips_im2tensor(reference):
+    """uint8, what images load as, means [0, 255] (lpips.im2tensor: x / 127.5 - 1) with or
+    without normalize. It gave exactly 0: the constants were cast to uint8."""
+    ref, params, x, y = reference
+    a, b = (np.round((v[:2] + 1) * 127.5).astype(np.uint8) for v in (x, y))
+    with torch.no_grad():
+        want = ref(*(torch.cat([LP.im2tensor(i) for i in v]) for v in (a, b))).numpy().reshape(-1)
+
+    @jax.jit
+    def run(a, b):
+        return (lpips.distance(params, a, b), lpips.distance(params, a, b, normalize=True),
+                lpips.distance(params, a / 255, b / 255, normalize=True))
+    with jax.default_matmul_precision("highest"):
+        got, got_normalize, floats = run(a, b)
+    assert _rel(got, want) < RTOL
+    np.testing.assert_array_equal(got, got_normalize)
+    assert _rel(floats, want) < RTOL
+    with pytest.raises(ValueError, match="unsigned-integer ones .*got int32; cast to float"):
+        lpips.distance(params, a.astype(np.int32), b.astype(np.int32))
+
+
+def test_images_down_to_16x16_as_lpips(reference):
+    """lpips computes any size its four pools before relu5_3 take (16x16 and up); pool5's 32x32
+    minimum, which LPIPS never runs, does not apply. 16x16 (1x1 at relu5_3) and 24x40 (1x2 after
+    floor pools; and its spatial map, upsampled from there)."""
+    ref, params, x, y = reference
+    pairs = [tuple(v[:2, :h, -w:] for v in (x, y)) for h, w in ((16, 16), (24, 40))]
+    spatial = copy.copy(ref)
+    spatial.spatial = True
+    with torch.no_grad():
+        want = [ref(_nchw(a), _nchw(b)).numpy().reshape(-1) for a, b in pairs]
+        want_map = spatial(*map(_nchw, pairs[1])).numpy()[:, 0]
+
+    @jax.jit
+    def run(pairs):
+        return ([lpips.distance(params, a, b) for a, b in pairs],
+                lpips.distance(params, *pairs[1], spatial=True))
+    with jax.default_matmul_precision("highest"):
+        got, got_map = run(pairs)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < RTOL
+    assert got_map.shape == want_map.shape == (2, 24, 40)
+    assert _rel(got_map, want_map) < RTOL
+    with pytest.raises(ValueError, match="at least 16x16 .*got 15x40; resize"):
+        lpips.distance(params, pairs[1][0][:, :15], pairs[1][1][:, :15])
 
 
 def test_gradient_no_further_from_float64_than_torch_float32(reference):

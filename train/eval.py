@@ -14,6 +14,13 @@ images instead of a dataset (throughput only).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable, not train/ itself
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 import numpy as np
 
@@ -175,7 +182,6 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> int:
     """The command line: ``main``'s one-line errors (SystemExit with the message) exit 2."""
-    import sys
     try:
         main(argv)
     except SystemExit as e:

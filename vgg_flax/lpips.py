@@ -4,6 +4,7 @@ Metric"), the ``lpips`` package's ``LPIPS(net='vgg', version='0.1')``, as a pure
 >>> from vgg_flax import lpips
 >>> params = lpips.params()                  # vgg16's ImageNet trunk (vgg_flax.pretrained) + LPIPS' linear layers
 >>> d = lpips.distance(params, x, y)         # x, y: (N, H, W, 3) in [-1, 1] -> (N,)
+>>> d = lpips.distance(params, a, b)         # uint8 images: [0, 255], as lpips.im2tensor
 >>> jax.grad(lambda x: lpips.distance(params, x, y).sum())(x)
 
 The distance: both images through VGG-16's ``features`` after LPIPS' ScalingLayer; at relu1_2,
@@ -11,8 +12,9 @@ relu2_2, relu3_3, relu4_3 and relu5_3 each position's channel vector is divided 
 (+1e-10, as ``lpips.normalize_tensor``), the squared difference is weighted per channel by the
 learned 1x1 convolution (no bias) and averaged over space (``spatial=True``: upsampled
 bilinearly to the input size, ``align_corners=False`` as lpips, and returned as a map); the five
-layers are summed. The linear weights ship with vgg_flax (``data/lpips_vgg_v0.1.npz``, converted
-from the lpips package's ``weights/v0.1/vgg.pth`` by ``write_linear_weights``; BSD licence in
+layers are summed. Images of 16x16 and up, as lpips (the trunk stops at relu5_3, before pool5).
+The linear weights ship with vgg_flax (``data/lpips_vgg_v0.1.npz``, converted from the lpips
+package's ``weights/v0.1/vgg.pth`` by ``write_linear_weights``; BSD licence in
 ``data/LPIPS_LICENSE``).
 """
 from __future__ import annotations
@@ -26,13 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax import registry
+from vgg_flax import arch, registry
 
 LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 # lpips.ScalingLayer: inputs in [-1, 1] -> the ImageNet normalisation the trunk was trained on.
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10                      # lpips.normalize_tensor
+# VGG-16's features without pool5: LPIPS stops at relu5_3, so 16x16 images (four 2x2 pools to
+# 1x1) are enough, as in lpips; the full cfg would ask for pool5's 32x32.
+TRUNK_CFG = arch.CFGS["D"][:-1]
 DATA = "data/lpips_vgg_v0.1.npz"
 
 
@@ -87,18 +92,38 @@ def _unit(f: jax.Array) -> jax.Array:
     return f / (norm + EPS)
 
 
+def _signed_unit(a: jax.Array, normalize: bool) -> jax.Array:
+    """Images in [-1, 1], as LPIPS compares them: floats as given (from [0, 1] with
+    ``normalize``); unsigned integers from [0, their dtype's maximum] (uint8: [0, 255]), as
+    lpips.im2tensor converts uint8 images (x / 127.5 - 1), whatever ``normalize`` says."""
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
+        return a.astype(jnp.float32) / (jnp.iinfo(a.dtype).max / 2) - 1
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"lpips.distance takes float images (in [-1, 1], or [0, 1] with "
+                         f"normalize=True) or unsigned-integer ones (uint8: [0, 255]), got "
+                         f"{a.dtype}; cast to float and scale first")
+    return 2 * a - 1 if normalize else a
+
+
 def distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *, spatial: bool = False,
              normalize: bool = False, conv: str = "auto", precision: Any = None) -> jax.Array:
-    """LPIPS distance between image batches ``x`` and ``y`` (N, H, W, 3), in [-1, 1] (or [0, 1]
-    with ``normalize=True``, as lpips' flag). Returns (N,), or with ``spatial=True`` the (N, H, W)
-    map whose spatial mean is the distance. ``conv``/``precision``: as ``vgg_flax.VGG``."""
+    """LPIPS distance between image batches ``x`` and ``y`` (N, H, W, 3), H and W at least 16:
+    floats in [-1, 1] (or [0, 1] with ``normalize=True``, as lpips' flag), or unsigned integers
+    (uint8 in [0, 255], whatever ``normalize`` says). Returns (N,), or with ``spatial=True`` the
+    (N, H, W) map whose spatial mean is the distance. ``conv``/``precision``: as
+    ``vgg_flax.VGG``."""
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"lpips.distance wants two (N, H, W, 3) batches of one shape, got "
                          f"{x.shape} and {y.shape}")
-    if normalize:
-        x, y = 2 * x - 1, 2 * y - 1
     trunk = registry.create("vgg16", include_top=False, taps=LAYERS, conv=conv,
-                            precision=precision)
+                            precision=precision, cfg=TRUNK_CFG)
+    m = trunk.min_input_size()
+    if min(x.shape[1:3]) < m:
+        raise ValueError(f"lpips.distance needs images of at least {m}x{m} (four 2x2 pools "
+                         f"before relu5_3, as lpips), got {x.shape[1]}x{x.shape[2]}; resize "
+                         "them up")
+    x, y = _signed_unit(x, normalize), _signed_unit(y, normalize)
     shift, scale = jnp.asarray(SHIFT, x.dtype), jnp.asarray(SCALE, x.dtype)
     n = x.shape[0]
     taps = trunk.apply(params["trunk"], (jnp.concatenate([x, y]) - shift) / scale)

@@ -150,6 +150,24 @@ def _dn(x_shape, w_shape):
     return lax.conv_dimension_numbers(x_shape, w_shape, _NHWC)
 
 
+@jax.custom_jvp
+def torch_relu(y):
+    """max(y, 0) as torch's ReLU: XLA's max keeps NaN, and the derivative is torch's
+    threshold_backward (``_relu_mask``), not jnp.maximum's 0.5 at 0 and 0 * t elsewhere (NaN for
+    an infinite t)."""
+    return jnp.maximum(y, 0)
+
+
+def _relu_mask(y, t):
+    """The tangent ``t`` where ``y`` (the ReLU's input or output: same sign) is positive or NaN,
+    0 where y <= 0: a NaN activation passes its gradient on, as in torch, instead of dropping it."""
+    return lax.select(y <= 0, lax.full_like(t, 0), t)
+
+
+torch_relu.defjvp(lambda primals, tangents: (torch_relu(primals[0]),
+                                              _relu_mask(primals[0], tangents[0])))
+
+
 def _lax_conv(x, w, b=None, *, geom, relu, precision, strict=False, round_once=False):
     """XLA's convolution, as flax.linen.Conv runs it: the result, then the bias add, each rounded
     to ``x``'s dtype. ``round_once``: bias and ReLU in float32 and one rounding at the end, as
@@ -163,7 +181,7 @@ def _lax_conv(x, w, b=None, *, geom, relu, precision, strict=False, round_once=F
                                  preferred_element_type=wide)
     if b is not None:
         y = y + b.astype(y.dtype)
-    y = jnp.maximum(y, 0) if relu else y
+    y = torch_relu(y) if relu else y
     return y.astype(x.dtype)
 
 
@@ -402,7 +420,7 @@ def _conv_jvp(primals, tangents, *, geom, relu, precision, strict):
              if db and _zero(dw) else None]
     dy = _add(terms, y)
     if relu and not _zero(dy):
-        dy = lax.select(y > 0, dy, lax.full_like(dy, 0))
+        dy = _relu_mask(y, dy)
     return y, dy
 
 
