@@ -276,6 +276,58 @@ def test_trainer_evaluation_equals_eval_cli(run, tree, tmp_path, capsys):
     assert got["top5_error"] == pytest.approx(100 * (1 - result["eval_top5"]))
 
 
+def _png16(path: Path, a: np.ndarray) -> None:
+    """A 16-bit PNG of uint16 ``a`` (H, W) or (H, W, 3): PIL writes 16-bit grayscale, not RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, 0 if a.ndim == 2 else 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in a)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16bit_pngs_read_as_their_8bit_versions(tmp_path):
+    """A 16-bit grayscale PNG of a photo used to train and evaluate as a white image (RGB
+    conversion clips at 255): through the folder source (training, the trainer's evaluation and
+    train/eval.py read it), the training and evaluation transforms and classify's reader, it is
+    its 8-bit version to within 1/255. 16-bit RGB too."""
+    photo = _photo(np.random.default_rng(0), [Image.fromarray(load_sample_images().images[1])],
+                   60, 80)
+    noise = np.random.default_rng(1).integers(0, 257, (60, 80, 3))
+    rgb = np.asarray(photo).astype(np.int64)
+    for split in ("train", "val"):
+        d = tmp_path / split / "flower"
+        d.mkdir(parents=True)
+        photo.save(d / "rgb8.png")
+        photo.convert("L").save(d / "gray8.png")
+        _png16(d / "rgb16.png", np.minimum(rgb * 257 + noise, 65535).astype(np.uint16))
+        gray = np.asarray(photo.convert("L")).astype(np.int64)
+        _png16(d / "gray16.png", np.minimum(gray * 257 + noise[..., 0], 65535).astype(np.uint16))
+    assert Image.open(d / "gray16.png").mode == "I;16"
+    c = trainer.resolved(tiny_config(tmp_path))
+    train, val = (input_pipeline.get_source(c, s) for s in ("train", "val"))
+    names = [Path(p).name for p, _ in train.samples]
+    assert names == ["gray16.png", "gray8.png", "rgb16.png", "rgb8.png"]
+    assert [Path(p).name for p, _ in val.samples] == names
+
+    def close(a, b, what):
+        a, b = np.asarray(a).astype(int), np.asarray(b).astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, what
+    transform = input_pipeline.make_train_transform(c.input)
+    eval_batch = next(iter(input_pipeline.eval_dataset(c, val, 0, 1)))["image"]
+    for wide, narrow in ((0, 1), (2, 3)):
+        close(train[wide]["image"], train[narrow]["image"], names[wide])
+        close(load_image(train.samples[wide][0]), load_image(train.samples[narrow][0]), "classify")
+        close(*(transform(train[i], np.random.default_rng(5))["image"] for i in (wide, narrow)),
+              "training transform")
+        close(eval_batch[wide], eval_batch[narrow], "evaluation input")
+    assert np.asarray(train[0]["image"]).mean() < 200  # not white
+
+
 def test_draft_decodes_big_jpegs_at_reduced_size(tmp_path):
     """input.draft: a 1200x900 JPEG decodes at 1/2 scale for S <= 450 (1/4 would be 225 < 256)."""
     photo = Image.fromarray(load_sample_images().images[0]).resize((1200, 900))

@@ -13,8 +13,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.transforms._presets import ImageClassification
 
-from vgg_flax.preprocess import (center_crop, load_image, preprocess, rescale, resized_size,
-                                 to_rgb)
+from vgg_flax.preprocess import (as_pil, center_crop, load_image, preprocess, rescale,
+                                 resized_size, to_rgb)
 
 WEIGHTS = {
     "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
@@ -96,6 +96,24 @@ def test_array_modes_match_pil_modes():
     assert_bit_equal(preprocess(rgba), reference(Image.fromarray(rgba), t))
     # alpha is dropped, not composited: RGBA equals its RGB channels
     np.testing.assert_array_equal(preprocess(rgba), preprocess(np.ascontiguousarray(rgba[..., :3])))
+
+
+def test_16bit_images_are_scaled_not_clipped(photos):
+    """16-bit grayscale (PIL "I;16", "I;16B"; uint16 arrays, as a TFDS uint16 image) is its 8-bit
+    image to within 1/255, RGB or kept one-channel (as_pil, the trainer's); RGB conversion alone
+    clips it to 255: white."""
+    gray = np.asarray(photos[0].convert("L")).astype(np.int64)
+    noise = np.random.default_rng(0).integers(0, 257, gray.shape)
+    wide = np.minimum(gray * 257 + noise, 65535).astype(np.uint16)  # a 16-bit image of it
+    assert np.asarray(Image.fromarray(wide).convert("RGB")).mean() > 250
+    big_endian = Image.frombytes("I;16B", wide.shape[::-1], wide.astype(">u2").tobytes())
+    for x in (Image.fromarray(wide), big_endian, wide):
+        rgb = np.asarray(to_rgb(x)).astype(int)
+        assert rgb.shape == gray.shape + (3,) and np.abs(rgb - gray[..., None]).max() <= 1
+        assert np.abs(np.asarray(as_pil(x)).astype(int) - gray).max() <= 1
+    wide_rgb = (np.asarray(photos[0]).astype(np.uint16) * 257)
+    np.testing.assert_array_equal(np.asarray(as_pil(wide_rgb)), np.asarray(photos[0]))
+    np.testing.assert_array_equal(preprocess(wide_rgb), preprocess(photos[0]))
 
 
 def test_crop_larger_than_resize_pads_like_torchvision():

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import test_train
-from train import trainer
+from train import rundir, trainer
 from train import train as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +42,10 @@ def run(trained, tmp_path):
 
 
 def snapshot(workdir: Path) -> dict[str, str]:
-    """Every file under the workdir -> a hash of its bytes (moves, rewrites and deletions show)."""
+    """Every file under the workdir -> a hash of its bytes (moves, rewrites and deletions show),
+    but the lock, which names whichever run opened the workdir last."""
     return {str(p.relative_to(workdir)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(workdir.rglob("*")) if p.is_file()}
+            for p in sorted(workdir.rglob("*")) if p.is_file() and p.name != rundir.LOCK_FILE}
 
 
 def one_line_refusal(config, workdir, match):

@@ -8,6 +8,7 @@ error (out of memory, a failing disk) propagates with its own message.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -37,21 +38,42 @@ class NoReadableCheckpoint(ConfigError):
     """Every checkpoint in a workdir is damaged."""
 
 
+@contextlib.contextmanager
+def _orbax_notes_off():
+    """Without orbax's WARNING notes on what we chose on purpose: overriding its jax.Array
+    handler, opening the checkpoints read-only ("Given directory is read only"). They go through
+    absl's logger, which is orbax's; errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @functools.cache
 def _configure_array_saving() -> None:
     """Replica-parallel saving (each replica writes a slice of a replicated array) compiles a
     slicing program per array shape; worth it for fc6's 400 MB, not for a 64-element bias."""
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=True,
-                                                  min_slice_bytes_for_replica_parallel=2 ** 24),
-        override=True)
+    with _orbax_notes_off():
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                use_replica_parallel=True, min_slice_bytes_for_replica_parallel=2 ** 24),
+            override=True)
 
 
 def checkpoint_manager(workdir: Path, config, read_only: bool = False) -> ocp.CheckpointManager:
+    if read_only:  # export: reads, writes nothing (and so needs no saving options)
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
+            save_interval_steps=0)
+        with _orbax_notes_off():
+            return ocp.CheckpointManager(workdir / "checkpoints", options=options)
     _configure_array_saving()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=config.async_checkpointing, cleanup_tmp_directories=not read_only)
+        max_to_keep=config.keep_checkpoints, create=True,
+        enable_async_checkpointing=config.async_checkpointing, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 

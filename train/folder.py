@@ -8,7 +8,8 @@ by ``os.walk`` in sorted order, following links). The evaluation split is indexe
 training split's classes, so a class missing from ``val`` does not shift the others. Files are
 those whose extension a PIL decoder claims (JPEG, PNG, BMP, GIF, TIFF, WebP, ...; torchvision
 takes nine of them); every image becomes RGB (grayscale replicated, palette expanded, alpha
-dropped) with its EXIF orientation applied, as ``python -m vgg_flax.classify`` reads photos.
+dropped, 16-bit scaled to 8) with its EXIF orientation applied, as ``python -m
+vgg_flax.classify`` reads photos (``vgg_flax.preprocess.to_rgb``).
 
 A file that cannot be decoded never stops a run: it is reported once by path (with the running
 count), and its slot takes the next readable image of the split (training) or is masked out of
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
+
+from vgg_flax.preprocess import to_rgb
 
 log = logging.getLogger("vgg_flax.train")
 
@@ -71,8 +74,7 @@ def decode(path: str, draft: int | None = None) -> Image.Image:
         if draft and im.format == "JPEG":
             im.draft("RGB", (draft, draft))
         im.load()
-        im = ImageOps.exif_transpose(im)
-        return im if im.mode == "RGB" else im.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(im))  # 16-bit scaled as classify reads it
 
 
 class SkipLog:

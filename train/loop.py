@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from train import input_pipeline, rundir, sharding
 from train.checkpoints import checkpoint_manager, restore_latest
@@ -70,17 +69,20 @@ def _diverged(metrics, step: int, good: int | None, directory) -> TrainingDiverg
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (resuming from DIR/checkpoints when there is one) and evaluate. Returns the final
     metrics and ``status`` ("done", "preempted" after SIGTERM, "interrupted" after SIGINT);
-    raises TrainingDiverged on NaN/inf, ConfigError before compiling anything."""
-    from tqdm import tqdm
+    raises TrainingDiverged on NaN/inf, ConfigError before compiling anything (WorkdirBusy
+    while another trainer holds the workdir's lock)."""
     t_start = time.time()
     workdir = Path(workdir).absolute()
     setup, train_src, eval_src = prepare(config, workdir)
+    with rundir.workdir_lock(workdir, jax.process_index() == 0):  # WorkdirBusy: a ConfigError
+        return _train(setup, train_src, eval_src, workdir, t_start)
+
+
+def _train(setup, train_src, eval_src, workdir: Path, t_start: float) -> dict[str, Any]:
+    from tqdm import tqdm
     config = setup.config
     pi, pc = jax.process_index(), jax.process_count()
     primary = pi == 0
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-    multihost_utils.sync_global_devices("vgg_flax_workdir")
 
     train_ds = input_pipeline.train_dataset(config, train_src, pi, pc)
     eval_ds = input_pipeline.eval_dataset(config, eval_src, pi, pc)

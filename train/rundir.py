@@ -8,9 +8,12 @@ where they run (PLACEMENT_KEYS) may change freely.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +21,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 import vgg_flax
 from train import input_pipeline, sharding
 from train.checkpoints import checkpoint_manager, restore_latest, restore_step
 from train.state import Setup
-from train.validation import ConfigError
+from train.validation import ConfigError, check_model
 
 log = logging.getLogger("vgg_flax.train")
 
@@ -70,6 +74,74 @@ def check_workdir(workdir: Path) -> None:
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--workdir {workdir}: {existing} is not writable; pass another "
                           "--workdir")
+
+
+class WorkdirBusy(ConfigError):
+    """Another trainer is running in the workdir."""
+
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLock:
+    """An exclusive ``flock`` on ``DIR/.lock`` for the life of a run. Two trainers in one workdir
+    would both train, write every step's metrics twice and save the same steps over each other;
+    the second is refused (WorkdirBusy, naming the first's pid and host, which the file holds).
+    The kernel releases the lock when its holder ends, however it ends: a run killed with
+    SIGKILL never blocks its own resume. Taken by process 0 only: all processes of one run
+    share the workdir (each writes its shards of a checkpoint), the others follow its answer."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid not written yet"
+            os.close(fd)
+            raise WorkdirBusy(f"{self.path.parent} is in use by another trainer ({holder}); wait "
+                              "for it to end or stop it, or pass another --workdir") from None
+        except OSError as e:  # a file system without locks (some network mounts)
+            os.close(fd)
+            log.warning("cannot lock %s (%s): make sure no other trainer uses this workdir",
+                        self.path, e.strerror or e)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (removing it would race)
+            self._fd = None
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path, primary: bool):
+    """Process 0 creates the workdir and takes its WorkdirLock; every process of the run raises
+    WorkdirBusy when process 0 could not."""
+    busy, lock = None, WorkdirLock(workdir) if primary else None
+    if lock is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except WorkdirBusy as e:
+            busy = e
+    if jax.process_count() > 1:  # also the barrier after the mkdir
+        from jax.experimental import multihost_utils
+        refused = multihost_utils.process_allgather(np.int32(busy is not None)).max()
+        if refused and busy is None:
+            busy = WorkdirBusy(f"{workdir} is in use by another trainer (process 0 says which)")
+    if busy is not None:
+        raise busy
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def config_changes(config, workdir: Path) -> dict[str, tuple[Any, Any]]:
@@ -150,6 +222,7 @@ def restore_variables(workdir: str | os.PathLike, step: int | None = None):
     """(config, model, {"params", "batch_stats"}, step) from a training directory, on one device."""
     workdir = Path(workdir).absolute()
     config, info = read_run(workdir)
+    check_model(config)  # a run from before a field was checked: one line, not a traceback
     mesh = sharding.make_mesh(1, 1, jax.local_devices()[:1])
     setup = Setup(config, info, mesh)
     mngr = checkpoint_manager(workdir, config, read_only=True)

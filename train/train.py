@@ -21,6 +21,10 @@ if __package__ in (None, ""):  # run as a script: make the repo importable, not 
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+if __name__ == "__main__":  # first of all: Ctrl-C during the seconds of imports exits cleanly too
+    from train.signals import ExitOnInterrupt
+    _INTERRUPT = ExitOnInterrupt("interrupted (Ctrl-C) while starting; nothing was saved").install()
+
 from absl import flags, logging as absl_logging
 from ml_collections import config_flags
 
@@ -79,8 +83,9 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
         jax.distributed.initialize()
 
 
-def main(argv: list[str]) -> int:
-    """The CLI, callable in-process: ``main(["train.py", "--workdir", DIR, ...])`` -> exit status."""
+def main(argv: list[str], interrupt=None) -> int:
+    """The CLI, callable in-process: ``main(["train.py", "--workdir", DIR, ...])`` -> exit status.
+    ``interrupt``: the process's ``signals.ExitOnInterrupt``, whose message names the workdir."""
     fv = flags.FlagValues()
     for i, a in enumerate(argv[1:], 1):
         path = a.split("=", 1)[1] if re.match(r"--?config=", a) else (
@@ -113,6 +118,10 @@ def main(argv: list[str]) -> int:
         name = Path(config_flags.get_config_filename(fv["config"])).stem
         workdir = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     primary = jax.process_index() == 0
+    stopped = (f"interrupted (Ctrl-C) before a checkpoint could be saved; the checkpoints in "
+               f"{workdir}/checkpoints are as they were")
+    if interrupt is not None:
+        interrupt.message = stopped
     try:
         if primary:
             print(f"vgg_flax train: {config.model} on {config.dataset}, {jax.device_count()} "
@@ -124,9 +133,8 @@ def main(argv: list[str]) -> int:
     except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:  # before the loop (or a second Ctrl-C): nothing new was saved
-        print(f"interrupted (Ctrl-C) before a checkpoint could be saved; the checkpoints in "
-              f"{workdir}/checkpoints are as they were", file=sys.stderr)
+    except KeyboardInterrupt:  # in-process callers (the command line exits in its handler)
+        print(stopped, file=sys.stderr)
         return 130
     if result["status"] in ("preempted", "interrupted"):
         if primary:
@@ -142,6 +150,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown, which segfaults when it runs while XLA's or the input
+    pipeline's threads still work (after Ctrl-C, an error, a stop mid-epoch)."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        jax.distributed.shutdown()  # what teardown would have done: the processes leave together
+    from train.signals import exit_now
+    exit_now(code)
+
+
 if __name__ == "__main__":
     absl_logging.use_absl_handler()  # INFO lines ("resumed from ...") on stderr, as app.run did
-    sys.exit(main(sys.argv))
+    flags.FLAGS.mark_as_parsed()  # absl's global flags (main parses its own): else the first
+    #                               log line comes with "Logging before flag parsing goes to stderr"
+    _exit(main(sys.argv, _INTERRUPT))

@@ -43,13 +43,13 @@ def classify(images: Sequence[Any], module, variables, name: str | Mapping[str, 
     return [top_classes(posts[i], top, categories) for i in range(len(images))]
 
 
-# PIL modes holding more than 8 bits per channel; their RGB conversion (torchvision's too) clips
-# every value above 255, so a 16-bit scan becomes almost all white.
-_DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# PIL modes of more than 8 bits whose range is unknown: 32-bit integers and floats (16-bit images
+# are scaled, preprocess.to_8bit). RGB conversion (torchvision's too) clips them to 0..255.
+_DEEP_MODES = ("I", "F")
 
 
 def deep_image_warning(path: str | os.PathLike) -> str | None:
-    """One warning line if ``path`` is a 16/32-bit image that RGB conversion will clip."""
+    """One warning line if ``path`` is a 32-bit image that RGB conversion will clip."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -58,8 +58,8 @@ def deep_image_warning(path: str | os.PathLike) -> str | None:
         return None  # load_image reports unreadable files
     if mode not in _DEEP_MODES:
         return None
-    return (f"warning: {path}: {mode} image (more than 8 bits per channel) is clipped to 0..255 "
-            "as torchvision does, which turns most of it white; rescale it to 8 bits first")
+    return (f"warning: {path}: 32-bit ({mode}) image is read as 0..255 and clipped, as "
+            "torchvision does; rescale it to 8 bits first")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

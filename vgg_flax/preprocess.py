@@ -10,7 +10,8 @@ Image modes: torchvision's transforms fail on grayscale (1 channel) and RGBA (4 
 because the 3-channel mean does not broadcast; its ``ImageFolder`` loader calls
 ``Image.convert("RGB")`` first. ``preprocess`` does the same: grayscale is replicated to three
 channels, palette images are expanded, and alpha is dropped (not composited on a background), so
-``preprocess(img, name)`` equals ``transforms(img.convert("RGB"))`` for every PIL mode.
+``preprocess(img, name)`` equals ``transforms(img.convert("RGB"))`` for every PIL mode but
+16-bit grayscale, which ``convert`` clips to 255 (a white image) and ``to_8bit`` scales.
 
 This module owns the geometry for the whole repository: classification, ``train/eval.py``, the
 trainer's evaluation (``resize_shorter`` + ``center_crop`` on uint8, ``normalize`` on device),
@@ -40,11 +41,32 @@ def preprocessing(name: str | Mapping[str, Any]) -> dict[str, Any]:
     return registry.metadata(name)["preprocessing"]
 
 
+# PIL modes of 16-bit grayscale: how Pillow (>= 10) opens 16-bit PNGs and TIFFs. Its 16-bit RGB(A)
+# files open as RGB(A) with each sample's top byte, already right. "I" (32-bit) and "F" (float)
+# have no known range: they convert as torchvision converts them (0..255, clipped).
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_8bit(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    """``image`` with 8 bits per sample: the one decoding rule of classification, training and
+    evaluation. 16-bit grayscale (a PIL image of mode "I;16", "I;16B", "I;16L" or "I;16N", or a
+    uint16 array) keeps its top byte, ``v >> 8``, as Pillow itself reads 16-bit RGB PNGs; PIL's
+    ``convert`` (torchvision's loader's too) clips every value above 255 instead, which turns a
+    16-bit photo white. Anything else comes back as it is."""
+    if isinstance(image, np.ndarray):
+        return (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
+    if not isinstance(image, Image.Image) or image.mode not in _16BIT_MODES:
+        return image
+    return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+
+
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    """A PIL RGB image from a PIL image of any mode or a uint8 (H, W), (H, W, 1|3|4) array."""
+    """A PIL RGB image from a PIL image of any mode or a uint8 (or uint16) (H, W), (H, W, 1|3|4)
+    array; 16-bit images are scaled to 8 bits (``to_8bit``), not clipped."""
+    image = to_8bit(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise TypeError(f"expected a uint8 image array, got {image.dtype}; "
+            raise TypeError(f"expected a uint8 or uint16 image array, got {image.dtype}; "
                             "convert with np.clip(x, 0, 255).astype(np.uint8) or pass a PIL image")
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
@@ -193,7 +215,9 @@ def resize_array(array: np.ndarray, size: int, interpolation: str = "bilinear") 
 
 
 def as_pil(image: Image.Image | np.ndarray) -> Image.Image:
-    """A PIL image of a uint8 (H, W), (H, W, 1) or (H, W, 3) array (no copy when contiguous)."""
+    """A PIL image of a uint8 (H, W), (H, W, 1) or (H, W, 3) array (no copy when contiguous);
+    16-bit images (PIL or uint16) are scaled to 8 bits (``to_8bit``), channels kept."""
+    image = to_8bit(image)
     if isinstance(image, Image.Image):
         return image
     return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
