@@ -35,12 +35,13 @@ def pytest_unconfigure(config):
 # the two pytest-xdist workers (--dist loadfile: a module stays on one worker, and a worker takes
 # the next module when it has two tests left) end together instead of one running a long module
 # alone at the end.
-HEAVIEST_FIRST = ["test_parity", "test_train_cli", "test_train", "test_convert", "test_bench",
-                  "test_transforms", "test_pretrained", "test_evaluate", "test_model",
-                  "test_train_demo", "test_lpips", "test_onednn", "test_input_pipeline_bench",
-                  "test_folder", "test_train_resume", "test_no_torch_at_run_time",
-                  "test_classify", "test_preprocess", "test_bad_input", "test_augment",
-                  "test_train_inputs"]
+HEAVIEST_FIRST = ["test_readme", "test_parity", "test_train_cli", "test_train", "test_convert",
+                  "test_bench", "test_transforms", "test_export", "test_pretrained",
+                  "test_evaluate", "test_model", "test_lpips", "test_onednn", "test_nan",
+                  "test_input_pipeline_bench", "test_folder", "test_train_resume",
+                  "test_jax_internals", "test_device_arrays", "test_convert_signals",
+                  "test_no_torch_at_run_time", "test_scripts", "test_classify", "test_preprocess",
+                  "test_bad_input", "test_augment", "test_train_inputs"]
 
 
 def pytest_configure(config):
