@@ -170,9 +170,9 @@ def test_missing_json_is_still_a_file_not_found_error(tmp_path):
         vgg_flax.load(tmp_path)
 
 
-# -- VGG fields: one table (model.FIELDS), checked wherever a VGG is built ------------------------
+# -- VGG fields: one table (fields.FIELDS), checked wherever a VGG is built ------------------------
 def test_every_field_has_a_rule():
-    from vgg_flax.model import FIELDS
+    from vgg_flax.fields import FIELDS
     fields = {f.name for f in dataclasses.fields(vgg_flax.VGG)} - {"parent", "name"}
     assert set(FIELDS) == fields
 

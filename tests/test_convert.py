@@ -688,7 +688,7 @@ def _with(*flags, out="o"):
     return lambda t, s: ["--weights", s, *flags, "--out", t / out]
 
 
-# Bad values (issue 26): --set is checked against the VGG's own field rules (model.FIELDS, as
+# Bad values (issue 26): --set is checked against the VGG's own field rules (fields.FIELDS, as
 # create() checks them), numeric flags are range-checked, --format must agree with --out.
 T2F_BAD += [
     ("set_conv", _with("--set", "conv=cuda"),

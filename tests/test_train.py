@@ -333,7 +333,7 @@ def test_export_and_warm_start(trained, tmp_path, caplog):
     ({"grad_accum_steps": 3}, "not divisible by mesh.data=8 x grad_accum_steps=3"),
     ({"init_from": "/nonexistent"}, "is not a vgg_flax checkpoint"),
     ({"input.crop_size": 16, "input.scale_min": 16, "input.resize_size": 16}, "below vgg11_bn's minimum input 32"),
-    # model_overrides pass the VGG's own field rules (model.FIELDS), as create/load/--set do
+    # model_overrides pass the VGG's own field rules (fields.FIELDS), as create/load/--set do
     ({"model_overrides.pool_size": (7,)}, r"model_overrides.pool_size \(.*\) must be two positive integers"),
     ({"model_overrides.conv": "cuda"}, r"model_overrides.conv \(.*\) must be 'auto', 'onednn' or 'xla'"),
     ({"model_overrides.bn_epsilon": 0.0}, r"model_overrides.bn_epsilon \(.*\) must be a finite number > 0, got 0.0"),

@@ -14,7 +14,7 @@ import ml_collections
 
 import vgg_flax
 from train import input_pipeline, sharding
-from vgg_flax.model import FIELDS, field_problem
+from vgg_flax.fields import FIELDS, field_problem
 
 REQUIRED_KEYS = ("model", "dataset", "batch_size", "total_steps", "checkpoint_every_steps",
                  "eval_every_steps", "seed", "mesh.data", "mesh.model")
@@ -113,7 +113,7 @@ _SET_BY_TRAINER = {"num_classes": "the dataset sets it", "dtype": "set compute_d
 
 def check_model(config) -> None:
     """``model`` and ``model_overrides``: a classification VGG whose fields pass the VGG's own
-    rules (``vgg_flax.model.FIELDS``, which ``create``, ``load`` and the converter use), so a
+    rules (``vgg_flax.fields.FIELDS``, which ``create``, ``load`` and the converter use), so a
     run never trains a model that export cannot write or ``vgg_flax.load`` cannot read."""
     if config.model not in vgg_flax.list_models():
         raise ConfigError(f"unknown model {config.model!r}; choose one of: "

@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vgg_flax import registry
-from vgg_flax.model import FIELDS, VGG, variables_mismatch
+from vgg_flax.fields import FIELDS
+from vgg_flax.model import VGG, variables_mismatch
 from vgg_flax.weights import WeightMismatchError, on_device
 
 FORMAT = "vgg_flax/1"
@@ -161,7 +162,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         if k not in saved_fields():
             raise CheckpointError(f"{f}: unknown override {k!r}; stored fields are "
                                   f"{', '.join(saved_fields())}; {_REMAKE}")
-        if not FIELDS[k].check(v):  # the VGG's own rules (model.FIELDS), on the JSON value
+        if not FIELDS[k].check(v):  # the VGG's own rules (fields.FIELDS), on the JSON value
             raise CheckpointError(f"{f}: override {k} = {json.dumps(v)} must be "
                                   f"{FIELDS[k].allowed}; fix the file or {_REMAKE}")
     return info

@@ -15,7 +15,7 @@ from vgg_flax.convert.formats import FORMATS
 from vgg_flax.convert.jobs import Summary, flax_to_torch, torch_to_flax
 from vgg_flax.convert.mapping import DTYPES
 from vgg_flax.convert.sources import check_num_classes
-from vgg_flax.model import FIELDS, field_problem
+from vgg_flax.fields import FIELDS, field_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +43,7 @@ _RUN_TIME_FIELDS = ("taps", "dense")
 
 def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
     """``--set FIELD=VALUE`` items as VGG fields, each checked against the VGG's own rules
-    (``model.FIELDS``, as ``create`` checks them): one line naming the item otherwise."""
+    (``fields.FIELDS``, as ``create`` checks them): one line naming the item otherwise."""
     out = {}
     for item in items or ():
         if "=" not in item:

@@ -12,7 +12,7 @@ from vgg_flax import registry, torch_io, weights
 from vgg_flax.convert import layouts, sources
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.memory import empty_aligned
-from vgg_flax.model import DTYPES as FLOAT_DTYPES
+from vgg_flax.fields import DTYPES as FLOAT_DTYPES
 from vgg_flax.torch_io import Tensor, WeightFileError
 from vgg_flax.weights import on_device
 
@@ -90,7 +90,7 @@ def out_dtype(dtype: str, tensors: Mapping[str, Tensor]) -> np.dtype:
             raise ConversionError(f"--dtype keep: the weights mix {sorted(d.name for d in floats)}; "
                                   "pick one with --dtype float32|float16|bfloat16")
         kept = floats.pop() if floats else np.dtype(np.float32)
-        if kept.name not in FLOAT_DTYPES:  # float64: no VGG param_dtype (model.FIELDS)
+        if kept.name not in FLOAT_DTYPES:  # float64: no VGG param_dtype (fields.FIELDS)
             raise ConversionError(f"--dtype keep: the weights are {kept.name}, which a VGG does "
                                   "not hold; pick --dtype float32|float16|bfloat16")
         return kept
