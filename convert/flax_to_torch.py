@@ -18,7 +18,7 @@ if __name__ == "__main__":  # the converter's own handler takes over once it run
     signal.signal(signal.SIGINT, _interrupted)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from vgg_flax.convert import flax_to_torch_main  # noqa: E402
+from vgg_flax.convert.cli import flax_to_torch_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(flax_to_torch_main())

@@ -1,4 +1,4 @@
-"""Training augmentation (train/input_pipeline.make_train_transform on vgg_flax.preprocess), seeded.
+"""Training augmentation (train/input_pipeline.make_train_transform on vgg_flax.images), seeded.
 
 Geometry against torchvision on scikit-learn's sample photos: the scale-jitter window equals
 ``Resize(S)`` then crop within two grey levels on <1% of values (PIL's fixed-point weights, see
@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from train import input_pipeline
-from vgg_flax.preprocess import (PCA_EIGVAL, PCA_EIGVEC, colour_shift, pca_shift,
+from vgg_flax.images import (PCA_EIGVAL, PCA_EIGVEC, colour_shift, pca_shift,
                                  random_resized_crop_params, resize_shorter, resized_crop,
                                  resized_size, scale_jitter_crop)
 

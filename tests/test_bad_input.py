@@ -306,7 +306,7 @@ def test_classify_bad_arguments(ckpt, image, tmp_path, what, args, message):
 
 
 def test_classify_warns_about_32_bit_images_in_one_line(ckpt, image, tmp_path):
-    """A 16-bit PNG is scaled to 8 bits (preprocess.to_8bit) and needs no warning; a 32-bit
+    """A 16-bit PNG is scaled to 8 bits (images.to_8bit) and needs no warning; a 32-bit
     integer image has no known range, is clipped as torchvision clips it, and is named."""
     deep = tmp_path / "scan32.tif"
     Image.fromarray(np.full((40, 50), 40000, np.int32)).save(deep)
@@ -404,3 +404,33 @@ def test_export_of_a_run_whose_model_load_would_refuse(tmp_path):
     assert "model_overrides.pool_size" in line and "two positive integers" in line, line
     assert "got [7]" in line and out == "" and not (tmp_path / "out").exists()
 
+
+
+def test_load_never_reaches_the_network(tmp_path, monkeypatch):
+    """``load("vgg16")`` without a ./vgg16 directory is a one-line error pointing to
+    ``pretrained``, and neither downloads nor converts (a call to the hub would raise)."""
+    from vgg_flax import errors, hub, published
+
+    def no_network(*_a, **_k):
+        raise AssertionError("load() reached for published weights")
+    monkeypatch.setattr(hub, "hub_file", no_network)
+    monkeypatch.setattr(published, "pretrained", no_network)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.NotACheckpoint) as info:
+        vgg_flax.load("vgg16")
+    assert "vgg_flax.pretrained('vgg16')" in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, (vgg_flax.WeightsError, FileNotFoundError, vgg_flax.CheckpointError))
+
+
+def test_one_hierarchy_for_weight_problems():
+    """Every weight error is a ``vgg_flax.WeightsError`` and keeps the builtin callers catch."""
+    from vgg_flax import errors
+    from vgg_flax.convert import ConversionError
+    expected = {errors.WeightFileError: ValueError, errors.WeightMismatchError: ValueError,
+                errors.CheckpointError: ValueError, errors.NotACheckpoint: FileNotFoundError,
+                ConversionError: ValueError, errors.WeightsUnavailableError: OSError}
+    for cls, builtin in expected.items():
+        assert issubclass(cls, vgg_flax.WeightsError) and issubclass(cls, builtin), cls
+    found = {v for v in vars(errors).values()
+             if isinstance(v, type) and issubclass(v, Exception) and v is not errors.WeightsError}
+    assert found == set(expected)

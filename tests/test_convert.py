@@ -23,6 +23,7 @@ from torch import nn
 
 import vgg_flax
 from vgg_flax import convert as C
+from vgg_flax.convert import cli as CLI, formats as F, mapping as M, verify as V
 
 ROOT = Path(__file__).resolve().parents[1]
 T2F = [sys.executable, str(ROOT / "convert" / "torch_to_flax.py")]
@@ -70,7 +71,7 @@ def seeded_state_dict(name: str, seed: int = 0, **overrides) -> dict[str, torch.
     """Seeded random weights of torch's reference module for VGG ``name`` (BN stats random too)."""
     module = vgg_flax.create(name, **overrides)
     torch.manual_seed(seed)
-    model = C.torch_reference(name, module).to_empty(device="cpu")  # every value is drawn below
+    model = V.torch_reference(name, module).to_empty(device="cpu")  # every value is drawn below
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -91,7 +92,7 @@ def seeded_state_dict(name: str, seed: int = 0, **overrides) -> dict[str, torch.
 
 
 def assert_tree_equal(a, b):
-    fa, fb = dict(C.flatten(a)), dict(C.flatten(b))
+    fa, fb = dict(F.flatten(a)), dict(F.flatten(b))
     assert fa.keys() == fb.keys()
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -167,7 +168,7 @@ def test_every_name_through_the_cli(tmp, ssd_sd):
             torch.save(sd, path)
             flags, overrides = SMALL_FLAGS, SMALL
         out = tmp / "every_out" / name
-        p = cli(C.torch_to_flax_main, name, "--weights", path, "--out", out, *flags, check=0)
+        p = cli(CLI.torch_to_flax_main, name, "--weights", path, "--out", out, *flags, check=0)
         assert "verify:" in p.stdout and ": OK" in p.stdout, p.stdout
         module, variables = vgg_flax.load(out)
         assert_tree_equal(variables, vgg_flax.from_torch(sd, name, **overrides))
@@ -195,7 +196,7 @@ def test_layouts(tmp, small, layout):
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
     else:
         torch.save(sd, path, _use_new_zipfile_serialization=False)
-    module, variables = C.load_torch_weights("vgg11", path, progress=False,
+    module, variables = M.load_torch_weights("vgg11", path, progress=False,
                                              num_classes=10, overrides={k: v for k, v in SMALL.items() if k != "num_classes"})
     assert module.num_classes == 10
     assert_tree_equal(variables, vgg_flax.from_torch(sd, "vgg11", **SMALL))
@@ -209,10 +210,10 @@ def test_half_precision_weights(tmp, small, half):
     path = tmp / f"half_{half}.pth"
     torch.save(hsd, path)
     over = {k: v for k, v in SMALL.items() if k != "num_classes"}
-    _, v32 = C.load_torch_weights("vgg11", path, progress=False, num_classes=10, overrides=over)
+    _, v32 = M.load_torch_weights("vgg11", path, progress=False, num_classes=10, overrides=over)
     expect = vgg_flax.from_torch({k: v.float() for k, v in hsd.items()}, "vgg11", **SMALL)
     assert_tree_equal(v32, expect)
-    module, kept = C.load_torch_weights("vgg11", path, progress=False, num_classes=10,
+    module, kept = M.load_torch_weights("vgg11", path, progress=False, num_classes=10,
                                         overrides=over, dtype="keep")
     import jax.numpy as jnp
     assert kept["params"]["fc8"]["kernel"].dtype.name == half
@@ -221,7 +222,7 @@ def test_half_precision_weights(tmp, small, half):
     bn = {k: v.to(getattr(torch, half)) if v.is_floating_point() else v
           for k, v in seeded_state_dict("vgg11_bn", **SMALL).items()}
     torch.save(bn, tmp / f"half_bn_{half}.pth")
-    _, kept_bn = C.load_torch_weights("vgg11_bn", tmp / f"half_bn_{half}.pth", progress=False,
+    _, kept_bn = M.load_torch_weights("vgg11_bn", tmp / f"half_bn_{half}.pth", progress=False,
                                       num_classes=10, overrides=over, dtype="keep")
     assert kept_bn["params"]["bn1_1"]["scale"].dtype.name == half
     assert kept_bn["batch_stats"]["bn1_1"]["var"].dtype.name == "float32"
@@ -231,7 +232,7 @@ def test_half_precision_weights(tmp, small, half):
                                   expect["params"]["fc8"]["kernel"])
     # And through the CLI with verification: torchvision's model on the same (widened) weights.
     out = tmp / f"half_{half}_out"
-    p = cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", out, "--dtype", "keep",
+    p = cli(CLI.torch_to_flax_main, "vgg11", "--weights", path, "--out", out, "--dtype", "keep",
             *SMALL_FLAGS, check=0)
     assert "OK" in p.stdout and f"{half} -> {half}" in p.stderr
     m2, v2 = vgg_flax.load(out)  # the module is rebuilt from vgg_flax.json
@@ -281,7 +282,7 @@ def test_ssd_pytorch_reducedfc_layout(tmp):
                                                            24, 26, 28, 31, 33]
     path = tmp / "vgg16_reducedfc.pth"
     torch.save(sd, path)
-    _, variables = C.load_torch_weights("vgg16_ssd", path, progress=False)
+    _, variables = M.load_torch_weights("vgg16_ssd", path, progress=False)
     np.testing.assert_array_equal(variables["params"]["conv4_3_norm"]["scale"], 20.0)
     x = torch.randn(1, 3, 300, 300, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -306,10 +307,10 @@ def test_torchvision_ssd300_layout(tmp):
         model.backbone.scale_weight.uniform_(5, 25)
     path = tmp / "ssd300.pth"
     torch.save(model.state_dict(), path)
-    prep = C.prepare("vgg16_ssd", path, progress=False)
+    prep = M.prepare("vgg16_ssd", path, progress=False)
     assert any("detection heads" in n for n in prep.notes)
     assert any("extra.1-4" in n for n in prep.notes)
-    variables = C.map_to_flax(prep.tensors, prep.module, prep.dtype, progress=False)
+    variables = M.map_to_flax(prep.tensors, prep.module, prep.dtype, progress=False)
     x = torch.randn(1, 3, 300, 300, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model.backbone(x)
@@ -332,15 +333,15 @@ def test_ssd_pytorch_full_model_layout(tmp, ssd_sd):
     full["conf.0.weight"] = torch.zeros(84, 512, 3, 3)
     path = tmp / "ssd_pytorch_full.pth"
     torch.save({"module." + k: v for k, v in full.items()}, path)
-    _, variables = C.load_torch_weights("vgg16_ssd", path, progress=False)
+    _, variables = M.load_torch_weights("vgg16_ssd", path, progress=False)
     assert_tree_equal(variables, vgg_flax.from_torch(sd, "vgg16_ssd"))
 
 
 def test_ssd_from_classifier_decimation(vgg16_full):
     """--ssd-from-classifier against an independent numpy computation of SSD's reduced fc."""
     path, sd = vgg16_full
-    prep = C.prepare("vgg16_ssd", path, ssd_from_classifier=True, progress=False)
-    variables = C.map_to_flax(prep.tensors, prep.module, prep.dtype, progress=False)
+    prep = M.prepare("vgg16_ssd", path, ssd_from_classifier=True, progress=False)
+    variables = M.map_to_flax(prep.tensors, prep.module, prep.dtype, progress=False)
     fc6 = sd["classifier.0.weight"].numpy().reshape(4096, 512, 7, 7)
     keep, pos = np.arange(0, 4096, 4), np.array([0, 3, 6])
     conv6 = fc6[keep][:, :, pos][:, :, :, pos]                        # (1024, 512, 3, 3)
@@ -414,7 +415,7 @@ def test_ssd_default_features_weights(tmp, vgg16_full):
     assert np.abs(v["params"]["conv6"]["kernel"]).max() <= bound
     # flax -> torch for the SSD backbone: torchvision's SSDFeatureExtractorVGG layout.
     back = tmp / "ssd_back.safetensors"
-    cli(C.flax_to_torch_main, out, "--out", back, "--verify-batch", "1", check=0)
+    cli(CLI.flax_to_torch_main, out, "--out", back, "--verify-batch", "1", check=0)
     from safetensors.torch import load_file
     from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
     with torch.device("meta"):  # keys and shapes only
@@ -445,22 +446,22 @@ def test_formats_and_back(tmp, small):
     path, sd = small
     expect = vgg_flax.from_torch(sd, "vgg11", **SMALL)
     st = tmp / "fmt" / "v.safetensors"
-    p = cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", st, *SMALL_FLAGS, check=0)
+    p = cli(CLI.torch_to_flax_main, "vgg11", "--weights", path, "--out", st, *SMALL_FLAGS, check=0)
     assert "file read back bit-identical: OK" in p.stdout
-    assert_tree_equal(C.unflatten(load_file(st)), expect)
+    assert_tree_equal(F.unflatten(load_file(st)), expect)
     mp = tmp / "fmt" / "v.msgpack"
-    cli(C.torch_to_flax_main, "vgg11", "--weights", path, "--out", mp, "--no-verify", *SMALL_FLAGS,
+    cli(CLI.torch_to_flax_main, "vgg11", "--weights", path, "--out", mp, "--no-verify", *SMALL_FLAGS,
         check=0)
     assert_tree_equal(serialization.msgpack_restore(mp.read_bytes()), expect)
     for src, extra in ((st, []), (mp, ["--name", "vgg11"] + SMALL_FLAGS[:-2])):
         back = tmp / "fmt" / f"back_{src.suffix[1:]}.pth"
-        p = cli(C.flax_to_torch_main, src, "--out", back, "--verify-batch", "1", *extra, check=0)
+        p = cli(CLI.flax_to_torch_main, src, "--out", back, "--verify-batch", "1", *extra, check=0)
         assert "OK" in p.stdout
         rt = torch.load(back, weights_only=True)
         assert list(rt) == list(sd)
         assert all(torch.equal(rt[k], sd[k]) for k in sd)
         module = vgg_flax.create("vgg11", **SMALL)
-        C.torch_reference("vgg11", module).to_empty(device="cpu").load_state_dict(rt, strict=True)
+        V.torch_reference("vgg11", module).to_empty(device="cpu").load_state_dict(rt, strict=True)
 
 
 def test_force_and_existing_output(tmp, small):
@@ -469,10 +470,10 @@ def test_force_and_existing_output(tmp, small):
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("mine")
     argv = ["vgg11", "--weights", str(path), "--out", str(out), "--no-verify", *SMALL_FLAGS]
-    p = cli(C.torch_to_flax_main, *argv)
+    p = cli(CLI.torch_to_flax_main, *argv)
     assert p.returncode == 2 and "--force" in one_error_line(p)
     assert (out / "keep.txt").read_text() == "mine"
-    cli(C.torch_to_flax_main, *argv, "--force", check=0)
+    cli(CLI.torch_to_flax_main, *argv, "--force", check=0)
     assert not (out / "keep.txt").exists() and (out / "vgg_flax.json").exists()
     assert leftovers(out.parent) == []
 
@@ -494,7 +495,7 @@ def _bad(tmp, tag, *args, expect, in_process=True):
     out_dir.mkdir(exist_ok=True)
     out = out_dir / "out"
     if in_process:
-        p = cli(C.torch_to_flax_main, *args, "--out", out)
+        p = cli(CLI.torch_to_flax_main, *args, "--out", out)
     else:
         p = run(T2F, *args, "--out", out)
     assert p.returncode == 2, p.stderr
@@ -633,7 +634,7 @@ def test_flax_to_torch_bad_input(tmp, small):
         ((d / "plain_dir", "--out", d / "x.npz"), ".pth, .pt or .safetensors"),
     ]
     for args, expect in cases:
-        p = cli(C.flax_to_torch_main, *args)
+        p = cli(CLI.flax_to_torch_main, *args)
         assert p.returncode == 2 and expect in one_error_line(p), p.stderr
     assert sorted(x.name for x in d.iterdir()) == ["plain_dir"]
 
@@ -648,7 +649,7 @@ def test_unknown_torchvision_weights_name(tmp):
 def converted(tmp, small) -> Path:
     """A small orbax checkpoint written by the converter (to damage in copies)."""
     out = tmp / "converted_small"
-    cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", out, "--no-verify",
+    cli(CLI.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", out, "--no-verify",
         *SMALL_FLAGS, check=0)
     return out
 
@@ -723,7 +724,7 @@ def test_torch_to_flax_bad_input_table(tmp, small, tag, args, expect):
     d = tmp / f"t2f_bad_{tag}"
     d.mkdir()
     (d / "a_file").write_text("x")
-    p = cli(C.torch_to_flax_main, "vgg11", *args(d, small[0]))
+    p = cli(CLI.torch_to_flax_main, "vgg11", *args(d, small[0]))
     assert p.returncode == 2, (p.stdout, p.stderr)
     line = one_error_line(p)
     for e in expect:
@@ -742,7 +743,7 @@ def test_nan_weights_are_named(tmp, small, converted_msgpack):
     d.mkdir()
     torch.save(sd, d / "nan.pth")
     for extra in ([], ["--no-verify"]):
-        p = cli(C.torch_to_flax_main, "vgg11", "--weights", d / "nan.pth", *SMALL_FLAGS, *extra,
+        p = cli(CLI.torch_to_flax_main, "vgg11", "--weights", d / "nan.pth", *SMALL_FLAGS, *extra,
                 "--out", d / "o")
         line = one_error_line(p)
         assert p.returncode == 2 and "holds NaN or inf values in features.3.weight (2), " \
@@ -751,7 +752,7 @@ def test_nan_weights_are_named(tmp, small, converted_msgpack):
     bias = variables["params"]["conv1_1"]["bias"] = variables["params"]["conv1_1"]["bias"].copy()
     bias[3] = float("nan")
     (d / "nan.msgpack").write_bytes(serialization.msgpack_serialize(variables))
-    p = cli(C.flax_to_torch_main, d / "nan.msgpack", "--name", "vgg11", *SMALL_FLAGS[:-2],
+    p = cli(CLI.flax_to_torch_main, d / "nan.msgpack", "--name", "vgg11", *SMALL_FLAGS[:-2],
             "--out", d / "back.pth")
     assert p.returncode == 2 and "NaN or inf values in params/conv1_1/bias (1)" in one_error_line(p)
     assert sorted(x.name for x in d.iterdir()) == ["nan.msgpack", "nan.pth"]
@@ -763,7 +764,7 @@ def test_float64_weights_kept_are_refused(tmp, small):
     d.mkdir()
     torch.save({k: v.double() if v.is_floating_point() else v for k, v in small[1].items()},
                d / "f64.pth")
-    p = cli(C.torch_to_flax_main, "vgg11", "--weights", d / "f64.pth", *SMALL_FLAGS,
+    p = cli(CLI.torch_to_flax_main, "vgg11", "--weights", d / "f64.pth", *SMALL_FLAGS,
             "--dtype", "keep", "--no-verify", "--out", d / "o")
     assert p.returncode == 2 and "--dtype keep: the weights are float64" in one_error_line(p)
     assert sorted(x.name for x in d.iterdir()) == ["f64.pth"]
@@ -772,7 +773,7 @@ def test_float64_weights_kept_are_refused(tmp, small):
 @pytest.fixture(scope="session")
 def converted_msgpack(tmp, small) -> Path:
     out = tmp / "converted_small.msgpack"
-    cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", out, "--no-verify",
+    cli(CLI.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", out, "--no-verify",
         *SMALL_FLAGS, check=0)
     return out
 
@@ -798,7 +799,7 @@ F2T_ARGS_BAD = [  # (tag, arguments after the msgpack source, words the one line
 def test_flax_to_torch_bad_arguments_table(tmp, converted_msgpack, tag, args, expect):
     d = tmp / f"f2t_args_{tag}"
     d.mkdir()
-    p = cli(C.flax_to_torch_main, converted_msgpack, "--out", d / "x.pth", *args)
+    p = cli(CLI.flax_to_torch_main, converted_msgpack, "--out", d / "x.pth", *args)
     assert p.returncode == 2, (p.stdout, p.stderr)
     line = one_error_line(p)
     for e in expect:
@@ -812,12 +813,12 @@ def test_failed_verification_summary_says_nothing_was_written(tmp, small, monkey
                                                               why):
     """The summary used to print "-> OUT (orbax, 0.0 MB)" above "OUT was not written"."""
     from vgg_flax.convert import jobs
-    monkeypatch.setattr(jobs.V, "verify", lambda *a, **k: C.Verification(
+    monkeypatch.setattr(jobs.V, "verify", lambda *a, **k: V.Verification(
         2, 32, max_rel, max_rel, None, 1e-4, ("logits",)))
     monkeypatch.setattr(jobs.V, "flax_outputs", lambda *a, **k: None)
     d = tmp / f"verify_fails_{max_rel}"
     d.mkdir()
-    p = cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", d / "o", *SMALL_FLAGS)
+    p = cli(CLI.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", d / "o", *SMALL_FLAGS)
     assert p.returncode == 1, p.stderr
     assert f"-> nothing written to {d / 'o'} (verification failed)" in p.stdout, p.stdout
     assert "(orbax," not in p.stdout
@@ -839,7 +840,7 @@ def test_write_failure_is_one_line_and_cleans_up(tmp, small, monkeypatch):
     monkeypatch.setattr(formats, "write_flax", fail)
     d = tmp / "t2f_write_fails"
     d.mkdir()
-    p = cli(C.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", d / "o", "--no-verify",
+    p = cli(CLI.torch_to_flax_main, "vgg11", "--weights", small[0], "--out", d / "o", "--no-verify",
             *SMALL_FLAGS)
     assert p.returncode == 2 and "cannot write" in one_error_line(p)
     assert list(d.iterdir()) == []
@@ -858,7 +859,7 @@ def test_flax_to_torch_damaged_checkpoint_table(tmp, converted, tag, damage, exp
     src = _damaged(converted, tmp, tag, damage)
     out_dir = tmp / f"f2t_bad_{tag}"
     out_dir.mkdir()
-    p = cli(C.flax_to_torch_main, src, "--out", out_dir / "x.pth")
+    p = cli(CLI.flax_to_torch_main, src, "--out", out_dir / "x.pth")
     assert p.returncode == 2, (p.stdout, p.stderr)
     line = one_error_line(p)
     for e in expect:

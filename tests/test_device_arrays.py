@@ -11,7 +11,8 @@ import torch
 from flax import nnx
 
 import vgg_flax
-from vgg_flax import checkpoint, convert
+from vgg_flax import checkpoint
+from vgg_flax.convert import formats, mapping, verify
 
 SMALL = dict(num_classes=10, width=0.25, hidden_size=64, pool_size=(1, 1))
 
@@ -21,7 +22,7 @@ def small(tmp_path_factory):
     """A 1/4-width vgg11_bn (BatchNorm: both collections), seeded torch weights, and a .pth."""
     module = vgg_flax.create("vgg11_bn", **SMALL)
     torch.manual_seed(0)
-    model = convert.torch_reference("vgg11_bn", module).to_empty(device="cpu")
+    model = verify.torch_reference("vgg11_bn", module).to_empty(device="cpu")
     with torch.no_grad():
         for t in model.state_dict().values():
             if t.is_floating_point():
@@ -54,12 +55,12 @@ def test_from_torch_gives_device_arrays_that_apply_without_transfers(small):
                                          module), ml_dtypes.bfloat16)
     assert_on_device(vgg_flax.from_torch(sd, module, dtype=jnp.float16), np.float16)
     # never a view of the caller's tensors: changing them later changes nothing here
-    before = {k: np.array(v) for k, v in convert.flatten(variables)}
+    before = {k: np.array(v) for k, v in formats.flatten(variables)}
     with torch.no_grad():
         for t in sd.values():
             t.add_(1)
     try:
-        assert all(np.array_equal(before[k], v) for k, v in convert.flatten(variables))
+        assert all(np.array_equal(before[k], v) for k, v in formats.flatten(variables))
     finally:
         with torch.no_grad():
             for t in sd.values():
@@ -68,17 +69,17 @@ def test_from_torch_gives_device_arrays_that_apply_without_transfers(small):
 
 def test_load_converter_and_nnx_give_device_arrays(small, tmp_path):
     module, sd, path = small
-    _, variables = convert.load_torch_weights("vgg11_bn", path, progress=False,
+    _, variables = mapping.load_torch_weights("vgg11_bn", path, progress=False,
                                               num_classes=10, overrides=SMALL)
     assert_on_device(variables, np.float32)
     vgg_flax.save(tmp_path / "ckpt", variables, "vgg11_bn", module=module)
     _, loaded = vgg_flax.load(tmp_path / "ckpt")
     assert_on_device(loaded, np.float32)
     # writers of files read numpy, with no trip through the device
-    assert all(isinstance(a, np.ndarray) for _, a in convert.flatten(
+    assert all(isinstance(a, np.ndarray) for _, a in formats.flatten(
         checkpoint.read(tmp_path / "ckpt")[1]))
-    assert all(isinstance(a, np.ndarray) for _, a in convert.flatten(
-        convert.read_flax(tmp_path / "ckpt")[2]))
+    assert all(isinstance(a, np.ndarray) for _, a in formats.flatten(
+        formats.read_flax(tmp_path / "ckpt")[2]))
     # to_nnx: host arrays go to the device; device arrays are used as they are (no copy)
     host = jax.tree.map(np.asarray, loaded)
     assert_on_device(nnx.state(vgg_flax.to_nnx(module, host), (nnx.Param, nnx.BatchStat)),

@@ -23,7 +23,7 @@ from sklearn.datasets import load_sample_images
 import vgg_flax
 from test_train import random_variables
 from train import folder, input_pipeline, trainer
-from vgg_flax.preprocess import load_image, preprocess
+from vgg_flax.images import load_image, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("b_cat", "a_dog", "c_bird")  # created out of order: indices must be sorted names

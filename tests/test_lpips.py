@@ -151,7 +151,7 @@ def test_default_trunk_is_pretrained_vgg16(reference, monkeypatch):
     """lpips.params() takes vgg_flax.pretrained("vgg16")'s features (its sources are tested in
     test_pretrained.py); the classifier is never kept."""
     import importlib
-    P = importlib.import_module("vgg_flax.pretrained")
+    P = importlib.import_module("vgg_flax.published")
     calls = []
 
     def fake(name, **kw):

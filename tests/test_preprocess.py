@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.transforms._presets import ImageClassification
 
-from vgg_flax.preprocess import (as_pil, center_crop, load_image, preprocess, rescale,
+from vgg_flax.images import (as_pil, center_crop, load_image, preprocess, rescale,
                                  resized_size, to_rgb)
 
 WEIGHTS = {
@@ -187,7 +187,7 @@ def test_normalize_lookup_is_normalize_on_device():
     would not be), for three channels and one."""
     import jax
     import jax.numpy as jnp
-    from vgg_flax.preprocess import normalize, normalize_lookup
+    from vgg_flax.images import normalize, normalize_lookup
     rng = np.random.default_rng(2)
     for mean, std, c in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3), ((0.3,), (0.4,), 1)]:
         x = rng.integers(0, 256, (4, 9, 7, c), dtype=np.uint8)
@@ -199,7 +199,7 @@ def test_normalize_lookup_is_normalize_on_device():
 def test_verification_input(photos):
     """What the converter verifies on: preprocess() for classifiers, SSD300's fixed square
     (torchvision Resize((300, 300)) + the features weights' normalisation), grayscale at 0..1."""
-    from vgg_flax.preprocess import verification_input
+    from vgg_flax.images import verification_input
     im = photos[0]
     assert_bit_equal(verification_input(im, "vgg16"), preprocess(im, "vgg16"))
     t = WEIGHTS["vgg16_ssd"].transforms()

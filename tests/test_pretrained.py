@@ -23,9 +23,10 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 
 import vgg_flax
-from vgg_flax import checkpoint, convert, timm_layout
+from vgg_flax import checkpoint, timm_layout
+from vgg_flax.convert import cli, mapping, sources
 
-P = importlib.import_module("vgg_flax.pretrained")  # the module (vgg_flax.pretrained is the function)
+P = importlib.import_module("vgg_flax.published")  # the module of vgg_flax.pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -132,7 +133,7 @@ def test_second_call_reads_the_cache_and_converts_nothing(converted, monkeypatch
 
     def fail(*a, **k):
         raise AssertionError("converted again")
-    monkeypatch.setattr(convert, "prepare", fail)
+    monkeypatch.setattr(mapping, "prepare", fail)
     monkeypatch.setattr(P, "hub_file", fail)
     _, again = vgg_flax.pretrained("vgg11", cache_dir=cache)
     jax.tree.map(np.testing.assert_array_equal, again, variables)
@@ -270,7 +271,7 @@ def test_no_answer_from_the_hub_means_no_torch_download(tmp_path, monkeypatch, c
     def fail(*a, **k):
         raise AssertionError("asked torch for the weights")
     monkeypatch.setattr(P, "hub_file", unreachable)
-    monkeypatch.setattr(convert, "prepare", fail)
+    monkeypatch.setattr(mapping, "prepare", fail)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(vgg_flax.WeightsUnavailableError) as e:
@@ -300,13 +301,13 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 def test_converter_reads_timm_files_and_hf(tmp_path, timm_vgg11, offline, converted, capsys):
     _, path = timm_vgg11
     # what `torch_to_flax.py vgg11 --weights model.safetensors` converts (in memory here)
-    _, v = convert.load_torch_weights("vgg11", str(path), progress=False)
+    _, v = mapping.load_torch_weights("vgg11", str(path), progress=False)
     jax.tree.map(np.testing.assert_array_equal, v, converted[2])
     # hf:OWNER/REPO[/FILE] is that file, from huggingface_hub's cache (offline here)
     for spec in ("hf:timm/vgg11.tv_in1k", "hf:timm/vgg11.tv_in1k/model.safetensors"):
-        src = convert.resolve_weights("vgg11", spec)
+        src = sources.resolve_weights("vgg11", spec)
         assert src.path.samefile(path) and src.label.startswith(spec)
-    assert convert.torch_to_flax_main(["vgg11", "--weights", "hf:timm/vgg99.tv_in1k", "--out",
+    assert cli.torch_to_flax_main(["vgg11", "--weights", "hf:timm/vgg99.tv_in1k", "--out",
                                        str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot get model.safetensors of Hugging Face repo "

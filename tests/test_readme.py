@@ -287,7 +287,7 @@ def torchvision_loads_strictly(ws: Path, out: str) -> None:
     import torch
     import torchvision
     import vgg_flax
-    from vgg_flax.convert import torch_reference
+    from vgg_flax.convert.verify import torch_reference
     state_dict = torch.load(ws / "vgg16.pth", weights_only=True)
     with torch.device("meta"):
         assert list(state_dict) == list(torchvision.models.vgg16().state_dict())

@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable, not 
 import numpy as np
 
 from vgg_flax import evaluate as E
-from vgg_flax.checkpoint import is_model_name, load, read_info
-from vgg_flax.preprocess import preprocessing
+from vgg_flax.published import open_weights
+from vgg_flax.images import preprocessing
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,8 +140,7 @@ def test_scales_for(args, name: str) -> tuple[tuple[int, ...] | None, str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        info = {"name": args.weights} if is_model_name(args.weights) else read_info(args.weights)
-        module, variables = load(args.weights)
+        info, module, variables = open_weights(args.weights)
     except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
         raise SystemExit(f"error: {e}") from None
     name = info["name"]

@@ -9,7 +9,7 @@ training split's classes, so a class missing from ``val`` does not shift the oth
 those whose extension a PIL decoder claims (JPEG, PNG, BMP, GIF, TIFF, WebP, ...; torchvision
 takes nine of them); every image becomes RGB (grayscale replicated, palette expanded, alpha
 dropped, 16-bit scaled to 8) with its EXIF orientation applied, as ``python -m
-vgg_flax.classify`` reads photos (``vgg_flax.preprocess.to_rgb``).
+vgg_flax.classify`` reads photos (``vgg_flax.images.to_rgb``).
 
 A file that cannot be decoded never stops a run: it is reported once by path (with the running
 count), and its slot takes the next readable image of the split (training) or is masked out of
@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from vgg_flax.preprocess import to_rgb
+from vgg_flax.images import to_rgb
 
 log = logging.getLogger("vgg_flax.train")
 

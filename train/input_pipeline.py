@@ -13,8 +13,8 @@ All flow through the same grain graph:
 The global order is a function of the seed alone, so 1 process x 4 devices and 2 processes x 2
 devices see the same global batches, and a resumed run reads what the uninterrupted one would.
 Images stay uint8 until they are on the device (4x less to transfer); normalisation is on device
-(``vgg_flax.preprocess.normalize_lookup``). Every resize, crop and colour shift is
-``vgg_flax.preprocess``'s, so the evaluation input is torchvision's, bit for bit.
+(``vgg_flax.images.normalize_lookup``). Every resize, crop and colour shift is
+``vgg_flax.images``', so the evaluation input is torchvision's, bit for bit.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from PIL import Image
 
 from train import folder
 from train.folder import DataError
-from vgg_flax.preprocess import (as_array, as_pil, center_crop, colour_shift, pca_shift,
+from vgg_flax.images import (as_array, as_pil, center_crop, colour_shift, pca_shift,
                                  random_resized_crop_params, resize_shorter, resized_crop,
                                  resized_size, scale_jitter_crop)
 
@@ -149,7 +149,7 @@ def _example(ex: dict[str, Any], image_key: str, label_key: str) -> tuple[Image.
 
 def make_train_transform(cfg) -> Callable[[dict[str, Any], np.random.Generator], dict]:
     """``cfg`` is ``config.input``. ``scale_jitter`` is the paper's (section 3.1): the shorter side
-    rescaled to S ~ U{scale_min..scale_max} (``preprocess.resize_shorter``'s geometry), a random
+    rescaled to S ~ U{scale_min..scale_max} (``images.resize_shorter``'s geometry), a random
     crop_size crop; ``random_resized_crop`` is torchvision's. Then a horizontal flip with
     probability 1/2 (``flip``) and AlexNet's PCA colour shift with alpha ~ N(0, colour_shift^2)."""
     kind, crop = cfg.train_kind, cfg.crop_size
@@ -177,8 +177,8 @@ def make_train_transform(cfg) -> Callable[[dict[str, Any], np.random.Generator],
 
 
 def make_eval_transform(cfg) -> Callable[[dict[str, Any]], dict]:
-    """torchvision's evaluation geometry (``preprocess.resize_shorter`` to resize_size, then
-    ``preprocess.center_crop``) on uint8; the device applies ``preprocess.normalize_lookup``."""
+    """torchvision's evaluation geometry (``images.resize_shorter`` to resize_size, then
+    ``images.center_crop``) on uint8; the device applies ``images.normalize_lookup``."""
     ik, lk = cfg.image_key, cfg.label_key
 
     def transform(ex):

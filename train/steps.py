@@ -15,7 +15,7 @@ from train.state import Setup
 
 
 def _normalise(config, images, dtype):
-    from vgg_flax.preprocess import normalize_lookup  # bit-equal to train/eval.py's input
+    from vgg_flax.images import normalize_lookup  # bit-equal to train/eval.py's input
     return normalize_lookup(images, config.input.mean, config.input.std, xp=jnp).astype(dtype)
 
 

@@ -1,10 +1,17 @@
 """VGG (Simonyan & Zisserman, arXiv 1409.1556) in JAX/Flax, numerically identical to torchvision.
 
+One way for each job:
+
 >>> import vgg_flax
->>> model = vgg_flax.VGG16(num_classes=10)              # a Flax Linen module, NHWC
+>>> model = vgg_flax.VGG16(num_classes=10)              # build: a Flax Linen module, NHWC
 >>> model = vgg_flax.create("vgg16", taps=("relu1_2", "relu4_3"))
->>> variables = vgg_flax.from_torch(torch_state_dict, "vgg16")
->>> module, variables = vgg_flax.pretrained("vgg16")      # ImageNet weights, torch optional
+>>> variables = vgg_flax.from_torch(torch_state_dict, "vgg16")   # torch weights in memory
+>>> module, variables = vgg_flax.pretrained("vgg16")      # published ImageNet weights, torch optional
+>>> vgg_flax.save("ckpt", variables, "vgg16"); module, variables = vgg_flax.load("ckpt")
+
+Weight files: ``vgg_flax.convert.torch_to_flax`` / ``flax_to_torch``. Every weight problem is a
+``vgg_flax.WeightsError`` (``vgg_flax/errors.py``). Modules: ``vgg_flax.images`` (image loading
+and torchvision's transforms), ``vgg_flax.published`` (where ``pretrained`` looks).
 """
 from vgg_flax import perf as _perf
 
@@ -14,19 +21,22 @@ HOST_MALLOC = _perf.tune_host_malloc()
 
 from vgg_flax.arch import CFGS, VARIANTS  # noqa: E402
 from vgg_flax import losses, lpips
-from vgg_flax.checkpoint import CheckpointError, load, save
+from vgg_flax.checkpoint import load, save
+from vgg_flax.errors import (CheckpointError, ConversionError, WeightFileError,
+                             WeightMismatchError, WeightsError, WeightsUnavailableError)
+from vgg_flax.images import preprocess
 from vgg_flax.model import VGG
 from vgg_flax.nnx import to_nnx
-from vgg_flax.preprocess import preprocess
-from vgg_flax.pretrained import WeightsUnavailableError, pretrained
+from vgg_flax.published import pretrained
 from vgg_flax.registry import (VGG11, VGG11_BN, VGG11_LRN, VGG13, VGG13_BN, VGG16, VGG16_BN,
                                VGG16_C, VGG16_SSD, VGG19, VGG19_BN, create, imagenet_categories,
                                list_models, metadata)
-from vgg_flax.weights import WeightMismatchError, from_torch, identify, to_torch
+from vgg_flax.weights import from_torch, identify, to_torch
 
 __all__ = [
-    "CFGS", "CheckpointError", "VARIANTS", "VGG", "VGG11", "VGG11_BN", "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16",
-    "VGG16_BN", "VGG16_C", "VGG16_SSD", "VGG19", "VGG19_BN", "WeightMismatchError",
+    "CFGS", "CheckpointError", "ConversionError", "VARIANTS", "VGG", "VGG11", "VGG11_BN",
+    "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16", "VGG16_BN", "VGG16_C", "VGG16_SSD", "VGG19",
+    "VGG19_BN", "WeightFileError", "WeightMismatchError", "WeightsError",
     "WeightsUnavailableError", "create", "from_torch", "identify", "imagenet_categories",
     "list_models", "load", "losses", "lpips", "metadata", "preprocess", "pretrained", "save",
     "to_nnx", "to_torch",

@@ -17,7 +17,8 @@ import orbax.checkpoint as ocp
 from vgg_flax import registry
 from vgg_flax.fields import FIELDS
 from vgg_flax.model import VGG, variables_mismatch
-from vgg_flax.weights import WeightMismatchError, on_device
+from vgg_flax.errors import CheckpointError, NotACheckpoint, WeightMismatchError
+from vgg_flax.weights import on_device
 
 FORMAT = "vgg_flax/1"
 # Every ``VGG`` field is saved with the weights except these: Flax's own, and run-time choices
@@ -30,15 +31,6 @@ DTYPE_FIELDS = ("dtype", "param_dtype")  # saved by name ("bfloat16")
 def saved_fields() -> tuple[str, ...]:
     """The ``VGG`` fields ``save`` records: all but ``EXCLUDED_FIELDS``."""
     return tuple(f.name for f in dataclasses.fields(VGG) if f.name not in EXCLUDED_FIELDS)
-
-
-class CheckpointError(ValueError):
-    """A directory that is not a readable vgg_flax checkpoint; the message is one line naming
-    the file, the problem and the fix."""
-
-
-class NotACheckpoint(CheckpointError, FileNotFoundError):
-    """No ``vgg_flax.json`` (also a FileNotFoundError, as before)."""
 
 
 _REMAKE = "re-create it with vgg_flax.save or convert/torch_to_flax.py"
@@ -135,6 +127,13 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     """The ``vgg_flax.json`` of a checkpoint directory, validated: a known format, a known
     name, and overrides of the right types and ranges. Raises ``CheckpointError`` (one line)."""
     f = Path(path) / "vgg_flax.json"
+    if not Path(path).is_dir():
+        # load() reads files only; downloading is pretrained()'s job, never a side effect of it
+        name = Path(path).name
+        arg = repr(name) if name in registry.list_models() else "name"
+        hint = f"published weights come from vgg_flax.pretrained({arg})"
+        raise NotACheckpoint(f"{path} is not a vgg_flax checkpoint (no such directory); {hint}; "
+                             "write a checkpoint with vgg_flax.save or convert/torch_to_flax.py")
     if not f.is_file():
         raise NotACheckpoint(f"{path} is not a vgg_flax checkpoint (no vgg_flax.json); "
                              "write one with vgg_flax.save or convert/torch_to_flax.py")
@@ -174,19 +173,10 @@ def is_model_name(path: str | os.PathLike) -> bool:
             and not Path(path).exists())
 
 
-def name_of(path: str | os.PathLike) -> str:
-    """The VGG name of a checkpoint directory, or ``path`` itself when it is a model name."""
-    return path if is_model_name(path) else read_info(path)["name"]
-
-
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[VGG, dict[str, Any]]:
-    """(module, variables) from a directory written by ``save``, or, given a model name such as
-    ``"vgg16"``, its published weights through ``vgg_flax.pretrained``. ``overrides`` change
-    fields that do not change shapes (``taps``, ``dense``, ``dtype``...). The variables are
-    ``jax.Array``s on the default device."""
-    if is_model_name(path):
-        from vgg_flax.pretrained import pretrained
-        return pretrained(path, **overrides)
+    """(module, variables) from a directory written by ``save``; never the network (published
+    weights: ``vgg_flax.pretrained``). ``overrides`` change fields that do not change shapes
+    (``taps``, ``dense``, ``dtype``...). The variables are ``jax.Array``s on the default device."""
     module, variables = read(path, **overrides)
     return module, on_device(variables, consume=True)
 

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vgg_flax import evaluate as E
-from vgg_flax.preprocess import load_image, preprocessing
+from vgg_flax.images import load_image, preprocessing
 
 
 def top_classes(posterior: np.ndarray, k: int = 5, categories: Sequence[str] | None = None
@@ -44,7 +44,7 @@ def classify(images: Sequence[Any], module, variables, name: str | Mapping[str, 
 
 
 # PIL modes of more than 8 bits whose range is unknown: 32-bit integers and floats (16-bit images
-# are scaled, preprocess.to_8bit). RGB conversion (torchvision's too) clips them to 0..255.
+# are scaled, images.to_8bit). RGB conversion (torchvision's too) clips them to 0..255.
 _DEEP_MODES = ("I", "F")
 
 
@@ -90,15 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed += 1
     if loaded:
         from vgg_flax import registry
-        from vgg_flax.checkpoint import is_model_name, load, name_of, read_info
+        from vgg_flax.published import open_weights
         try:
-            name = name_of(args.weights)
-            module, variables = load(args.weights)
+            info, module, variables = open_weights(args.weights)
         except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
             print(f"error: {e}", file=sys.stderr)
             return 2
+        name = info["name"]
         # a fine-tuned checkpoint carries its class names (train/export.py of a folder run)
-        info = {} if is_model_name(args.weights) else read_info(args.weights)
         categories = info.get("categories") or (
             registry.imagenet_categories() if module.num_classes == 1000 else None)
         try:

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from vgg_flax.model import VGG
-from vgg_flax.preprocess import preprocess, preprocessing, rescale, to_rgb
+from vgg_flax.images import preprocess, preprocessing, rescale, to_rgb
 
 PROTOCOLS = ("single", "dense", "multiscale", "multicrop", "dense+multicrop")
 CROP, DENSE = "crop", "dense"  # the two ways a row goes through the network

@@ -33,9 +33,10 @@ import numpy as np
 
 from vgg_flax import arch, checkpoint, cli, registry, weights
 from vgg_flax.convert import atomic
-from vgg_flax.convert.errors import ConversionError
+from vgg_flax.errors import ConversionError
 from vgg_flax.convert.memory import mb, peak_rss_bytes
 from vgg_flax.model import VGG
+from vgg_flax.published import open_weights
 
 FORMATS = {"stablehlo": ".stablehlo", "onnx": ".onnx"}   # format -> file suffix
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -433,9 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        name = checkpoint.name_of(args.weights)
         overrides = {"dtype": jnp.dtype(args.dtype)} if args.dtype else {}
-        module, variables = checkpoint.load(args.weights, **overrides)
+        info, module, variables = open_weights(args.weights, **overrides)
+        name = info["name"]
     except (OSError, ValueError) as err:  # CheckpointError, WeightsUnavailableError, ...
         print(f"error: {err}", file=sys.stderr)
         return 2

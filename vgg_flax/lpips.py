@@ -72,7 +72,7 @@ def params(trunk: Mapping[str, Any] | None = None, *, cache_dir: str | os.PathLi
     ``trunk``: variables of a ``vgg16`` (with or without its classifier, which is dropped);
     default ``vgg_flax.pretrained("vgg16")``'s (see there for where they come from, offline)."""
     if trunk is None:
-        from vgg_flax.pretrained import pretrained
+        from vgg_flax.published import pretrained
         _, trunk = pretrained("vgg16", include_top=False, cache_dir=cache_dir, progress=progress)
     convs = {layer.name for layer in registry.create("vgg16", include_top=False).layers()
              if layer.kind == "conv"}

@@ -12,7 +12,7 @@ Where the weights come from, in order:
 
 A converted result goes into vgg_flax's cache (written to a temporary name, then renamed), so
 the second call reads it back and converts nothing. Conversion is the converter's own
-(``vgg_flax.convert.prepare``): the same layouts and the same strict shape checks.
+(``vgg_flax.convert.mapping.prepare``): the same layouts and the same strict shape checks.
 """
 from __future__ import annotations
 
@@ -25,20 +25,17 @@ from typing import Any, Mapping
 import numpy as np
 
 from vgg_flax import arch, checkpoint, registry
+from vgg_flax.hub import HubUnreachable, hf_repo, hub_file
 from vgg_flax.model import INITS, VGG, abstract_variables
-from vgg_flax.weights import WeightMismatchError, on_device
+from vgg_flax.registry import SSD_NAME, default_weights
+from vgg_flax.errors import ConversionError, WeightMismatchError, WeightsUnavailableError
+from vgg_flax.weights import on_device
 
 CACHE_ENV = "VGG_FLAX_CACHE"
-SSD_NAME = "vgg16_ssd"
 # Fields a caller may change on pretrained weights: none of them changes a shape, except
 # num_classes, which re-initialises fc8, and include_top=False, which drops fc6-fc8.
 _FREE_FIELDS = ("num_classes", "include_top", "taps", "dense", "dtype", "param_dtype", "conv",
                 "precision", "dropout_rate", "bn_momentum")
-
-
-class WeightsUnavailableError(OSError):
-    """No source had the weights (offline, nothing cached); the message names every place
-    looked and the converter command to run where there is network."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -46,62 +43,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vgg_flax").expanduser()
-
-
-def default_weights(name: str) -> str:
-    """``IMAGENET1K_V1``; for the SSD backbone, torchvision's ``IMAGENET1K_FEATURES``."""
-    return "IMAGENET1K_FEATURES" if name == SSD_NAME else "IMAGENET1K_V1"
-
-
-def hf_repo(name: str) -> str | None:
-    """timm's Hugging Face repo holding torchvision's weights for ``name`` (None: none)."""
-    return f"timm/{name}.tv_in1k" if arch.VARIANTS[name].torchvision else None
-
-
-class HubUnreachable(OSError):
-    """A request to the Hugging Face hub got no answer (no network, DNS, proxy, timeout)."""
-
-
-def _check_reachable(repo_id: str, filename: str, timeout: float = 5.0) -> None:
-    """One request for the file's metadata, without retries; HubUnreachable if it gets no answer.
-    huggingface_hub retries a failed connection five times with backoff (23 s offline, two
-    warnings a retry) before its own error; this fails in the time of one request."""
-    import httpx2
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError
-    try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=timeout)
-    except HfHubHTTPError:
-        pass  # the hub answered (missing or gated repo...): hf_hub_download reports it
-    except httpx2.TransportError as err:
-        raise HubUnreachable(f"{type(err).__name__}: {err}") from None
-
-
-def hub_file(repo_id: str, filename: str = "model.safetensors", *, progress: bool = True) -> Path:
-    """A file of a Hugging Face repo, from huggingface_hub's cache or downloaded into it.
-
-    huggingface_hub's own errors propagate (``LocalEntryNotFoundError`` with HF_HUB_OFFLINE, an
-    ``HfHubHTTPError`` for a missing repo or file); ``HubUnreachable`` when the hub does not
-    answer and the file is not cached."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    kwargs: dict[str, Any] = {}
-    if not progress:
-        from tqdm.auto import tqdm
-
-        class _Quiet(tqdm):
-            def __init__(self, *args, **kw):
-                kw["disable"] = True
-                super().__init__(*args, **kw)
-        kwargs["tqdm_class"] = _Quiet
-    try:  # the cache first, without a request
-        return Path(hf_hub_download(repo_id, filename, library_name="vgg_flax",
-                                    local_files_only=True, **kwargs))
-    except LocalEntryNotFoundError:
-        if constants.HF_HUB_OFFLINE:
-            raise
-    _check_reachable(repo_id, filename)
-    return Path(hf_hub_download(repo_id, filename, library_name="vgg_flax", **kwargs))
 
 
 def _member(name: str, weights: str | None) -> str:
@@ -159,7 +100,7 @@ def _store(path: Path, variables: Mapping[str, Any], name: str, module: VGG,
 
 
 def _torch_hub_file(name: str) -> Path:
-    """Where torchvision's weights API caches ``name``'s file (``convert.hub_cache_file``),
+    """Where torchvision's weights API caches ``name``'s file (``convert.sources.hub_cache_file``),
     found as ``torch.hub.get_dir()`` finds it but without importing torch unless it is."""
     import sys
     if "torch" in sys.modules:  # torch.hub.set_dir may have moved it
@@ -172,8 +113,9 @@ def _torch_hub_file(name: str) -> Path:
 
 def _convert(name: str, member: str, cache: Path, progress: bool) -> dict[str, Any]:
     """Find a source (HF hub, then torchvision), convert, cache. WeightsUnavailableError if none."""
-    from vgg_flax import convert
     from huggingface_hub import constants
+
+    from vgg_flax.convert import mapping, sources
     from huggingface_hub.errors import LocalEntryNotFoundError
     looked = [f"vgg_flax's cache {cache} (no copy)"]
     prep = None
@@ -189,7 +131,7 @@ def _convert(name: str, member: str, cache: Path, progress: bool) -> dict[str, A
             offline = offline or isinstance(err, (HubUnreachable, LocalEntryNotFoundError))
             looked.append(f"the Hugging Face hub {repo} ({_hf_reason(err)})")
         else:
-            prep = convert.prepare(name, str(path), progress=progress)
+            prep = mapping.prepare(name, str(path), progress=progress)
             prep.source.enum = f"hf:{repo}"
     if prep is None:
         tv = f"torchvision's {member} weights in torch's hub cache"
@@ -198,10 +140,10 @@ def _convert(name: str, member: str, cache: Path, progress: bool) -> dict[str, A
         elif offline and not _torch_hub_file(name).is_file():  # torch's imports take seconds,
             looked.append(f"{tv} ({_torch_hub_file(name)} absent)")  # a download would fail
         else:
-            cached = convert.hub_cache_file(convert.weights_enum(name)[member])
+            cached = sources.hub_cache_file(sources.weights_enum(name)[member])
             try:
-                prep = convert.prepare(name, member, progress=progress)
-            except convert.ConversionError:
+                prep = mapping.prepare(name, member, progress=progress)
+            except ConversionError:
                 if cached.is_file():
                     raise  # the file is there but unusable: that error says why
                 looked.append(f"{tv} ({cached} absent, and downloading it failed)")
@@ -213,7 +155,7 @@ def _convert(name: str, member: str, cache: Path, progress: bool) -> dict[str, A
             f"{cache.name}` and copy that directory to {cache}")
     for note in prep.notes:
         warnings.warn(f"{name}: {note}", stacklevel=3)
-    variables = convert.map_to_flax(prep.tensors, prep.module, prep.dtype, progress)
+    variables = mapping.map_to_flax(prep.tensors, prep.module, prep.dtype, progress)
     _store(cache, variables, name, prep.module,
            {"converted_from": {"source": prep.source.label, "notes": prep.notes}})
     return variables
@@ -282,3 +224,13 @@ def pretrained(name: str, weights: str | None = None, *, cache_dir: str | os.Pat
         variables = _convert(name, member, cache, progress)
     variables = fit(variables, name, module, seed)  # the host arrays as read, where they fit
     return module, on_device(variables, consume=True)
+
+
+def open_weights(spec: str | os.PathLike, **overrides: Any) -> tuple[dict[str, Any], VGG, dict[str, Any]]:
+    """A command line's ``--weights``: a ``vgg_flax.save`` directory (``vgg_flax.load``) or a
+    model name with published weights (``pretrained``), as (``vgg_flax.json``'s contents,
+    module, variables); a name gives ``{"name": spec}``."""
+    if checkpoint.is_model_name(spec):
+        return ({"name": spec}, *pretrained(str(spec), **overrides))
+    info = checkpoint.read_info(spec)
+    return (info, *checkpoint.load(spec, **overrides))

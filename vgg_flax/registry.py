@@ -36,6 +36,15 @@ _OURS = {
     "vgg16_ssd": (20484416, 29.898),
 }
 
+# SSD300's backbone: the one variant whose published weights are not IMAGENET1K_V1.
+SSD_NAME = "vgg16_ssd"
+
+
+def default_weights(name: str) -> str:
+    """The member of torchvision's Weights enum published for ``name``: ``IMAGENET1K_V1``; for
+    the SSD backbone, ``IMAGENET1K_FEATURES``."""
+    return "IMAGENET1K_FEATURES" if name == SSD_NAME else "IMAGENET1K_V1"
+
 
 def list_models() -> list[str]:
     """Every name ``create`` accepts."""

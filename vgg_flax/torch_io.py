@@ -22,9 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-
-class WeightFileError(ValueError):
-    """A weights file cannot be used; the message is one line naming the problem and the fix."""
+from vgg_flax.errors import WeightFileError
 
 
 _REFUSED_HINT = ("refused without running it (weights_only loading); if the file is yours, "

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from vgg_flax import arch, registry, torch_io
+from vgg_flax.errors import WeightFileError, WeightMismatchError
 from vgg_flax.model import VGG, abstract_variables
 
 
@@ -169,10 +170,6 @@ def flax_to_torch_array(entry: Entry, w: np.ndarray, module: VGG) -> np.ndarray:
     return w
 
 
-class WeightMismatchError(ValueError):
-    """Weights do not fit the VGG they were given for; the message lists every problem."""
-
-
 def identify(state_dict: Mapping[str, Any]) -> str | None:
     """The variant whose torch key layout ``state_dict`` has (any num_classes), or None."""
     keys = {k for k in state_dict if not k.endswith("num_batches_tracked")}
@@ -219,7 +216,7 @@ def from_torch(state_dict: Mapping[str, Any], name: str | VGG, *, dtype: Any = N
     """
     try:
         state_dict = torch_io.state_dict_in(state_dict, "from_torch's state_dict")
-    except torch_io.WeightFileError as err:
+    except WeightFileError as err:
         raise WeightMismatchError(str(err)) from None
     module = _module(name, overrides)
     check_fit(state_dict, module, name if isinstance(name, str) else "the given module")

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from vgg_flax.convert.errors import ConversionError
+from vgg_flax.errors import ConversionError
 
 
 def exit_now(code: int, message: str | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 from vgg_flax import registry
 from vgg_flax.convert import atomic
-from vgg_flax.convert.errors import ConversionError
+from vgg_flax.errors import ConversionError
 from vgg_flax.convert.formats import FORMATS
 from vgg_flax.convert.jobs import Summary, flax_to_torch, torch_to_flax
 from vgg_flax.convert.mapping import DTYPES

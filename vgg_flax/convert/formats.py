@@ -11,10 +11,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from vgg_flax import checkpoint, torch_io
-from vgg_flax.convert.errors import ConversionError
+from vgg_flax.errors import ConversionError, WeightFileError
 from vgg_flax.convert.memory import release_memory
 from vgg_flax.convert.sources import build_module, check_name
-from vgg_flax.torch_io import WeightFileError
 
 FORMATS = ("orbax", "safetensors", "msgpack")
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from vgg_flax import registry, torch_io, weights
 from vgg_flax.convert import atomic, formats, verify as V
-from vgg_flax.convert.errors import ConversionError
+from vgg_flax.errors import ConversionError
 from vgg_flax.convert.mapping import (Prepared, flags, map_to_flax, nonfinite_error, prepare,
                                       suggest_overrides)
 from vgg_flax.model import variables_mismatch

@@ -15,8 +15,8 @@ from typing import Callable, Collection, Iterable, Mapping
 import numpy as np
 
 from vgg_flax import arch, timm_layout
-from vgg_flax.convert.errors import ConversionError
-from vgg_flax.convert.sources import SSD_NAME
+from vgg_flax.errors import ConversionError
+from vgg_flax.registry import SSD_NAME
 from vgg_flax.torch_io import Tensor
 
 

@@ -10,10 +10,10 @@ import numpy as np
 
 from vgg_flax import registry, torch_io, weights
 from vgg_flax.convert import layouts, sources
-from vgg_flax.convert.errors import ConversionError
+from vgg_flax.errors import ConversionError, WeightFileError, WeightMismatchError
 from vgg_flax.convert.memory import empty_aligned
 from vgg_flax.fields import DTYPES as FLOAT_DTYPES
-from vgg_flax.torch_io import Tensor, WeightFileError
+from vgg_flax.torch_io import Tensor
 from vgg_flax.weights import on_device
 
 DTYPES = ("float32", "float16", "bfloat16", "keep")
@@ -69,12 +69,13 @@ def flags(fields: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def check_fit(tensors: Mapping[str, Tensor], name: str, module, given: Mapping[str, Any]) -> None:
+def check_fit_with_flags(tensors: Mapping[str, Tensor], name: str, module,
+                         given: Mapping[str, Any]) -> None:
     """Raise ConversionError (one line, with the fix) unless ``tensors`` fit ``module`` exactly:
     ``weights.check_fit``'s message, or the flags that make them fit when those can be read."""
     try:
         weights.check_fit(tensors, module, name)
-    except weights.WeightMismatchError as err:
+    except WeightMismatchError as err:
         suggestion = suggest_overrides(tensors, name)
         if suggestion and suggestion != {k: given.get(k) for k in suggestion}:
             what = ", ".join(f"{k}={v}" for k, v in suggestion.items())
@@ -166,9 +167,9 @@ def prepare(name: str, weights: str | os.PathLike | None = None, *, num_classes:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source = sources.resolve_weights(name, weights, progress)
     if source.enum and source.enum.endswith("IMAGENET1K_FEATURES"):
-        if name != sources.SSD_NAME:
+        if name != registry.SSD_NAME:
             raise ConversionError(f"{source.enum} holds no valid classifier (torchvision: "
-                                  f"features only); convert it as {sources.SSD_NAME}, or use "
+                                  f"features only); convert it as {registry.SSD_NAME}, or use "
                                   "IMAGENET1K_V1")
         if not ssd_from_classifier:
             ssd_features_only = True
@@ -183,7 +184,7 @@ def prepare(name: str, weights: str | os.PathLike | None = None, *, num_classes:
     if bad:
         raise ConversionError(f"tensors {', '.join(bad[:4])} are not floating point "
                               f"({tensors[bad[0]].dtype}); these are not VGG weights")
-    check_fit(tensors, name, module, fields)
+    check_fit_with_flags(tensors, name, module, fields)
     dt = out_dtype(dtype, tensors)
     src_dtypes = sorted({v.dtype.name for v in tensors.values()})
     if dt.name != "float32" or src_dtypes != ["float32"]:

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vgg_flax import arch, registry, torch_io
+from vgg_flax.registry import SSD_NAME, default_weights
 from vgg_flax.convert import atomic
-from vgg_flax.convert.errors import ConversionError
-
-SSD_NAME = "vgg16_ssd"
-
+from vgg_flax.errors import ConversionError
 
 @dataclasses.dataclass
 class Source:
@@ -61,11 +59,6 @@ def weights_enum(name: str):
     return get_model_weights(tv)
 
 
-def default_weights(name: str) -> str:
-    """The torchvision weights ``torch_to_flax`` uses for ``name`` when none are given."""
-    return "IMAGENET1K_FEATURES" if name == SSD_NAME else "IMAGENET1K_V1"
-
-
 def hub_cache_file(weights) -> Path:
     """Where torchvision's weights API caches (and looks for) ``weights``' file."""
     from urllib.parse import urlparse
@@ -78,7 +71,7 @@ def hf_source(spec: str, progress: bool = True) -> Source:
     """``hf:OWNER/REPO[/FILE]`` (FILE defaults to model.safetensors) via huggingface_hub's cache."""
     from huggingface_hub.errors import EntryNotFoundError
 
-    from vgg_flax.pretrained import hub_file
+    from vgg_flax.hub import hub_file
     parts = spec[3:].strip("/").split("/")
     if len(parts) < 2 or not all(parts):
         raise ConversionError(f"--weights {spec!r}: write hf:OWNER/REPO or hf:OWNER/REPO/FILE, "

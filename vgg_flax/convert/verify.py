@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from vgg_flax import arch, registry, torch_io
-from vgg_flax.convert.errors import ConversionError
+from vgg_flax.errors import ConversionError
 from vgg_flax.convert.formats import flatten, unflatten
 from vgg_flax.convert.memory import release_memory
-from vgg_flax.preprocess import load_image, verification_input
+from vgg_flax.images import load_image, verification_input
 
 
 @dataclasses.dataclass
@@ -118,7 +118,7 @@ def torch_reference(name: str, module, in_channels: int = 3):
 def verification_inputs(name: str, module, in_channels: int, images: Sequence[str | os.PathLike] = (),
                         batch: int = 4, seed: int = 0) -> np.ndarray:
     """(N, H, W, C) float32: ``batch`` seeded normal images, then ``images`` as
-    ``vgg_flax.preprocess.verification_input`` prepares them for the weights (SSD: the
+    ``vgg_flax.images.verification_input`` prepares them for the weights (SSD: the
     detector's 300x300 square; other channel counts: the grey level in each channel)."""
     size = registry.metadata(name)["input_size"][0]
     rng = np.random.default_rng(seed)
