@@ -315,7 +315,8 @@ def test_converter_reads_timm_files_and_hf(tmp_path, timm_vgg11, offline, conver
 
 
 def test_classify_and_eval_take_a_model_name(converted, monkeypatch, tmp_path, capsys):
-    """vgg_flax.load('vgg11') (what --weights NAME calls) through the cache in $VGG_FLAX_CACHE."""
+    """--weights NAME is vgg_flax.pretrained(NAME) (published.open_weights), here through the cache
+    in $VGG_FLAX_CACHE."""
     from PIL import Image
 
     from vgg_flax import classify
