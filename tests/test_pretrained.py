@@ -315,7 +315,7 @@ def test_converter_reads_timm_files_and_hf(tmp_path, timm_vgg11, offline, conver
 
 
 def test_classify_and_eval_take_a_model_name(converted, monkeypatch, tmp_path, capsys):
-    """--weights NAME is vgg_flax.pretrained(NAME) (published.open_weights), here through the cache
+    """--weights NAME is vgg_flax.pretrained(NAME) (published.weights_argument), here through the cache
     in $VGG_FLAX_CACHE."""
     from PIL import Image
 

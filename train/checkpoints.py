@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from train.sharding import path_str
 from train.validation import ConfigError
 
 log = logging.getLogger("vgg_flax.train")
@@ -77,16 +78,9 @@ def checkpoint_manager(workdir: Path, config, read_only: bool = False) -> ocp.Ch
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _shapes(tree) -> dict[str, tuple]:
     """'params/fc7/kernel' -> (shape, dtype name) for every array leaf."""
-    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+    return {path_str(path): (tuple(leaf.shape), str(leaf.dtype))
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
             if hasattr(leaf, "shape")}
 

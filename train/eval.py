@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable, not 
 import numpy as np
 
 from vgg_flax import evaluate as E
-from vgg_flax.published import open_weights
+from vgg_flax.published import weights_argument
 from vgg_flax.images import preprocessing
 
 
@@ -140,7 +140,7 @@ def test_scales_for(args, name: str) -> tuple[tuple[int, ...] | None, str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        info, module, variables = open_weights(args.weights)
+        info, module, variables = weights_argument(args.weights)
     except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
         raise SystemExit(f"error: {e}") from None
     name = info["name"]

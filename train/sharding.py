@@ -52,16 +52,8 @@ def make_mesh(data: int, model: int, devices: Sequence[jax.Device] | None = None
 
 
 def path_str(path: tuple[Any, ...]) -> str:
-    """``params/fc6/kernel`` from a jax key path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """``params/fc6/kernel`` from a jax key path: the one spelling of the trainer's leaf names."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _fits(shape: tuple[int, ...], spec: Sequence[Any], mesh: Mesh) -> tuple[Any, ...]:

@@ -12,6 +12,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train.state import Setup
+from vgg_flax.evaluate import topk_hits
 
 
 def _normalise(config, images, dtype):
@@ -20,9 +21,7 @@ def _normalise(config, images, dtype):
 
 
 def _correct(logits, labels, k: int):
-    k = min(k, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    return (top == labels[:, None]).any(axis=-1).astype(jnp.float32)
+    return topk_hits(logits, labels, k, xp=jnp).astype(jnp.float32)
 
 
 def make_train_step(setup: Setup):

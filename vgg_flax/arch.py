@@ -146,8 +146,3 @@ def fc_head_layers(hidden_size: int, num_classes: int) -> list[Layer]:
         Layer("drop7", "dropout", torch_index=5),
         Layer("fc8", "fc", features=num_classes, torch_index=6, init="fc"),
     ]
-
-
-def num_pools(cfg: Sequence[Any]) -> tuple[int, int]:
-    """(floor-mode pools, ceil-mode pools) in a cfg."""
-    return sum(t == "M" for t in cfg), sum(t == "C" for t in cfg)

@@ -90,9 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed += 1
     if loaded:
         from vgg_flax import registry
-        from vgg_flax.published import open_weights
+        from vgg_flax.published import weights_argument
         try:
-            info, module, variables = open_weights(args.weights)
+            info, module, variables = weights_argument(args.weights)
         except (OSError, ValueError) as e:  # incl. WeightsUnavailableError, WeightMismatchError
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -421,16 +421,21 @@ def evaluate_source(source: Any, module: VGG, variables: Any, protocol: str,
 
 
 # -- scoring ----------------------------------------------------------------------------------------
+def topk_hits(scores, labels, k: int, xp=np):
+    """Whether each of ``labels`` (N,) is among the k highest ``scores`` (N, K): the one top-k rule
+    of evaluation and of the trainer's metrics (``xp=jax.numpy`` under jit)."""
+    # rank of the true class in a stable descending sort: classes scored higher, plus tied
+    # classes with a lower index (so ties, e.g. posteriors that underflowed to 0, never help)
+    true = xp.take_along_axis(scores, labels[:, None], axis=1)
+    lower = xp.arange(scores.shape[1])[None, :] < labels[:, None]
+    return ((scores > true) | ((scores == true) & lower)).sum(axis=1) < k
+
+
 def topk_correct(posteriors: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
                  ) -> dict[int, int]:
     """How many of ``labels`` (N,) are among the k highest ``posteriors`` (N, K), for each k."""
     posteriors, labels = np.asarray(posteriors), np.asarray(labels)
-    # rank of the true class in a stable descending sort: classes scored higher, plus tied
-    # classes with a lower index (so ties, e.g. posteriors that underflowed to 0, never help)
-    true = np.take_along_axis(posteriors, labels[:, None], axis=1)
-    lower = np.arange(posteriors.shape[1])[None, :] < labels[:, None]
-    rank = ((posteriors > true) | ((posteriors == true) & lower)).sum(axis=1)
-    return {k: int((rank < k).sum()) for k in ks}
+    return {k: int(topk_hits(posteriors, labels, k).sum()) for k in ks}
 
 
 def allreduce_counts(counts: Mapping[str, int]) -> dict[str, int]:

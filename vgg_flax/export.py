@@ -36,7 +36,7 @@ from vgg_flax.convert import atomic
 from vgg_flax.errors import ConversionError
 from vgg_flax.convert.memory import mb, peak_rss_bytes
 from vgg_flax.model import VGG
-from vgg_flax.published import open_weights
+from vgg_flax.published import weights_argument
 
 FORMATS = {"stablehlo": ".stablehlo", "onnx": ".onnx"}   # format -> file suffix
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         overrides = {"dtype": jnp.dtype(args.dtype)} if args.dtype else {}
-        info, module, variables = open_weights(args.weights, **overrides)
+        info, module, variables = weights_argument(args.weights, **overrides)
         name = info["name"]
     except (OSError, ValueError) as err:  # CheckpointError, WeightsUnavailableError, ...
         print(f"error: {err}", file=sys.stderr)

@@ -206,14 +206,6 @@ def verification_input(image: Image.Image | np.ndarray, name: str = "vgg16",
 
 
 # -- training augmentation (numpy / PIL, in the input pipeline's threads) ----------------------
-def resize_array(array: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """A uint8 (H, W, C) array (C = 1 or 3) with its shorter side resized to ``size``, exactly as
-    ``resize_shorter`` (channels kept: one-channel datasets stay one channel)."""
-    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    out = np.asarray(resize_shorter(pil, size, interpolation))
-    return out.reshape(out.shape[0], out.shape[1], -1)
-
-
 def as_pil(image: Image.Image | np.ndarray) -> Image.Image:
     """A PIL image of a uint8 (H, W), (H, W, 1) or (H, W, 3) array (no copy when contiguous);
     16-bit images (PIL or uint16) are scaled to 8 bits (``to_8bit``), channels kept."""

@@ -41,9 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vgg_flax import jax_internals
+from vgg_flax import jax_internals, onednn_sharding
 
 IMPLS = ("auto", "onednn", "xla")
 _TARGETS = {"vgg_flax_conv_fwd": "VggFlaxConvFwd",
@@ -168,12 +167,11 @@ torch_relu.defjvp(lambda primals, tangents: (torch_relu(primals[0]),
                                               _relu_mask(primals[0], tangents[0])))
 
 
-def _lax_conv(x, w, b=None, *, geom, relu, precision, strict=False, round_once=False):
+def _lax_conv(x, w, b=None, *, geom, relu, precision, round_once=False):
     """XLA's convolution, as flax.linen.Conv runs it: the result, then the bias add, each rounded
     to ``x``'s dtype. ``round_once``: bias and ReLU in float32 and one rounding at the end, as
     oneDNN does (what the CPU fallback of ``conv_p`` runs: XLA:CPU convolves bfloat16 in float32
     anyway, so it costs nothing there, and ``conv_p`` means the same thing on every CPU)."""
-    del strict
     strides, padding, dilation = geom
     wide = jnp.float32 if round_once and x.dtype != jnp.float32 else None
     y = lax.conv_general_dilated(x, w.astype(x.dtype), strides, padding, rhs_dilation=dilation,
@@ -185,13 +183,13 @@ def _lax_conv(x, w, b=None, *, geom, relu, precision, strict=False, round_once=F
     return y.astype(x.dtype)
 
 
-def _lax_bwd_data(dy, w, *, geom, x_hw, precision, strict=False):
+def _lax_bwd_data(dy, w, *, geom, x_hw, precision):
     x = jax.ShapeDtypeStruct((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
     conv = functools.partial(_lax_conv, w=w, geom=geom, relu=False, precision=precision)
     return jax.linear_transpose(conv, x)(dy)[0]
 
 
-def _lax_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict=False):
+def _lax_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision):
     w = jax.ShapeDtypeStruct(tuple(w_shape), x.dtype)
     conv = functools.partial(_lax_conv, x, geom=geom, relu=False, precision=precision)
     out = [jax.linear_transpose(conv, w)(dy)[0].astype(w_dtype)]
@@ -202,78 +200,17 @@ def _lax_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, stric
 
 # ---- oneDNN through XLA FFI, partitioned along the batch ---------------------------------------
 
-def _ffi(target, out, operands, geom, **attrs):
-    strides, padding, dilation = geom
-    return jax.ffi.ffi_call(target, out)(
-        *operands, strides=np.asarray(strides, np.int64),
-        padding=np.asarray([p for pair in padding for p in pair], np.int64),
-        dilation=np.asarray(dilation, np.int64), **attrs)
-
-
-def _batch_axes(sharding):
-    spec = getattr(sharding, "spec", None)
-    return spec[0] if spec else None
-
-
-def _axis_names(axes) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-
-
-def _partitioned(target: str, rule: str, out, geom, *, weight_gradient: bool = False,
-                 **attrs):
-    """The custom call ``target`` as a function of its operands, for one geometry.
-
-    ``rule`` names each dimension (Shardy's notation); ``n`` is the batch. Sharded, every device
-    runs the call on its slice of the batch with the kernel (and bias) whole. A weight gradient
-    has no batch dimension: each device sums over its own slice, then the slices' sums are added
-    across the batch axes (an all-reduce).
-    """
-    n_operands = rule.split("->")[0].count(",") + 1
-    factors = rule.replace(",", " ").replace("->", " ").split()
-
-    def call(*operands):  # on global shapes, and on each device's slice when partitioned
-        local = out if weight_gradient else jax.ShapeDtypeStruct(
-            (operands[0].shape[0], *out.shape[1:]), out.dtype)
-        return _ffi(target, local, operands, geom, **attrs)
-
-    op = _api.custom_partitioning(call)
-
-    def shardings(mesh, arg_shapes):
-        axes = _batch_axes(arg_shapes[0].sharding)
-        return axes, NamedSharding(mesh, P(axes, None, None, None)), NamedSharding(mesh, P())
-
-    def partition(mesh, arg_shapes, result_shape):
-        axes, batch, replicated = shardings(mesh, arg_shapes)
-        if weight_gradient:  # (x, dy) -> dw[, db], summed over the batch shards
-            names = _axis_names(axes)
-
-            def lower(*operands):
-                grads = call(*operands)
-                return jax.tree.map(lambda g: lax.psum(g, names), grads) if names else grads
-            return (mesh, lower, jax.tree.map(lambda _: replicated, out), (batch,) * n_operands)
-        # (x or dy, w[, b]): the batch stays split, the kernel and bias are whole everywhere
-        return mesh, call, batch, (batch,) + (replicated,) * (n_operands - 1)
-
-    def infer(mesh, arg_shapes, result_shape):
-        _, batch, replicated = shardings(mesh, arg_shapes)
-        return jax.tree.map(lambda _: replicated, out) if weight_gradient else batch
-
-    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     propagate_user_sharding=None, sharding_rule=rule,
-                     **({"reduction_factors": ("n",)} if weight_gradient else {}),
-                     need_replication_factors=tuple(dict.fromkeys(f for f in factors
-                                                                  if f != "n")))
-    return op
+def _partitioned(target: str, rule: str, out, geom, **kw):
+    """``target``'s custom call, sharded along the batch: ``onednn_sharding.partitioned``."""
+    return onednn_sharding.partitioned(_api.custom_partitioning, target, rule, out, geom, **kw)
 
 
 # Kernel and bias go in, and their gradients come out, in their own dtypes (the extension
 # rounds the kernel while reordering it), and ReLU is applied as the output is written.
 # float32 accumulation meets every ``precision`` (HIGHEST included).
 
-def _onednn_conv(x, w, b=None, *, geom, relu, precision, strict=False):
-    del precision, strict
+def _onednn_conv(x, w, b=None, *, geom, relu, precision):
+    del precision
     out = jax.ShapeDtypeStruct(_y_shape(x.shape, w.shape, geom), x.dtype)
     relu = np.int64(relu)
     if b is None:
@@ -283,15 +220,15 @@ def _onednn_conv(x, w, b=None, *, geom, relu, precision, strict=False):
                         relu=relu)(x, w, b)
 
 
-def _onednn_bwd_data(dy, w, *, geom, x_hw, precision, strict=False):
-    del precision, strict
+def _onednn_bwd_data(dy, w, *, geom, x_hw, precision):
+    del precision
     out = jax.ShapeDtypeStruct((dy.shape[0], *x_hw, w.shape[2]), dy.dtype)
     return _partitioned("vgg_flax_conv_bwd_data", "n p q o, i j c o -> n h w c", out,
                         geom)(dy, w)
 
 
-def _onednn_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision, strict=False):
-    del precision, strict
+def _onednn_bwd_weights(x, dy, *, geom, w_shape, w_dtype, b_dtype, precision):
+    del precision
     dw = jax.ShapeDtypeStruct(tuple(w_shape), w_dtype)
     if b_dtype is None:
         return [_partitioned("vgg_flax_conv_bwd_weights", "n h w c, n p q o -> i j c o", dw,

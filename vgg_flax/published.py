@@ -226,7 +226,8 @@ def pretrained(name: str, weights: str | None = None, *, cache_dir: str | os.Pat
     return module, on_device(variables, consume=True)
 
 
-def open_weights(spec: str | os.PathLike, **overrides: Any) -> tuple[dict[str, Any], VGG, dict[str, Any]]:
+def weights_argument(spec: str | os.PathLike, **overrides: Any
+                     ) -> tuple[dict[str, Any], VGG, dict[str, Any]]:
     """A command line's ``--weights``: a ``vgg_flax.save`` directory (``vgg_flax.load``) or a
     model name with published weights (``pretrained``), as (``vgg_flax.json``'s contents,
     module, variables); a name gives ``{"name": spec}``."""

@@ -9,8 +9,11 @@ from typing import Any, Sequence
 from vgg_flax import arch
 from vgg_flax.model import VGG
 
+# ImageNet's per-channel mean and std in 0..1 units, as torchvision's weights were trained.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGENET = dict(resize_size=256, crop_size=224, interpolation="bilinear", antialias=True,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
 # ssd.pytorch's VGG was trained on 0..255 pixels minus the Caffe mean (torchvision's
 # VGG16_Weights.IMAGENET1K_FEATURES transforms).
 _SSD = dict(_IMAGENET, mean=(0.48235, 0.45882, 0.40784), std=(1 / 255, 1 / 255, 1 / 255))

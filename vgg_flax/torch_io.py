@@ -72,12 +72,25 @@ class Tensor:
         return f"Tensor({self.shape}, {self.dtype.name})"
 
 
-def _torch_to_numpy(t) -> np.ndarray:
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU numpy view of torch tensor ``t``, bfloat16 as ``ml_dtypes.bfloat16``: numpy has no
+    bf16 of its own, so the 16-bit patterns are reinterpreted, exactly (no float round trip)."""
     import torch
-    t = t.detach()
-    if t.dtype == torch.bfloat16:  # numpy has no bf16; reinterpret the bits, exactly
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(_bf16())
     return t.numpy()
+
+
+def numpy_to_torch(a: np.ndarray):
+    """A torch tensor on ``a``'s memory (a copy if ``a`` is read-only, which torch cannot share),
+    ``ml_dtypes.bfloat16`` as ``torch.bfloat16``: the bits reinterpreted, exactly."""
+    import torch
+    if not a.flags.writeable:  # e.g. views into a msgpack buffer
+        a = a.copy()
+    if a.dtype == _bf16():
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 _libc = None
@@ -108,7 +121,7 @@ def _torch_tensor(t, mmapped: bool) -> Tensor:
 
     def rows(sl: slice) -> np.ndarray:
         part = t[sl]
-        out = np.array(_torch_to_numpy(part), copy=True)
+        out = np.array(torch_to_numpy(part), copy=True)
         if mmapped and part.is_contiguous():
             release_pages(part.data_ptr(), part.numel() * part.element_size())
         return out
@@ -282,11 +295,7 @@ def _pread_tensor(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dty
         return buf
 
     def to_torch():
-        import torch
-        a = rows(slice(None))
-        if a.dtype == _bf16():
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(a)
+        return numpy_to_torch(rows(slice(None)))
 
     return Tensor(shape, dtype, rows, to_torch)
 

@@ -84,13 +84,8 @@ def _to_numpy(value: Any) -> np.ndarray:
     """A numpy view of a tensor or array (no copy where none is needed)."""
     if isinstance(value, np.ndarray):
         return value
-    if hasattr(value, "detach"):  # a torch tensor; bf16 has no numpy dtype of its own
-        t = value.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            import ml_dtypes
-            import torch
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # the same bits
-        return t.numpy()
+    if hasattr(value, "detach"):  # a torch tensor
+        return torch_io.torch_to_numpy(value)
     return np.asarray(value)
 
 
@@ -316,11 +311,4 @@ def to_torch(variables: Mapping[str, Any], name: str | VGG, *, as_numpy: bool = 
                                   "another VGG variant or with other overrides?") from None
     if as_numpy:
         return sd
-    import torch
-    out = OrderedDict()
-    for k, v in sd.items():
-        if v.dtype.name == "bfloat16":
-            out[k] = torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
-        else:
-            out[k] = torch.from_numpy(v if v.flags.writeable else v.copy())
-    return out
+    return OrderedDict((k, torch_io.numpy_to_torch(v)) for k, v in sd.items())

@@ -2,6 +2,7 @@
 import ml_collections
 
 from train.sharding import DEFAULT_RULES
+from vgg_flax.registry import IMAGENET_MEAN, IMAGENET_STD
 
 
 def base() -> ml_collections.ConfigDict:
@@ -23,7 +24,7 @@ def base() -> ml_collections.ConfigDict:
         flip=True, colour_shift=0.1,   # AlexNet-style RGB shift std (0 = off)
         draft=False,                   # folder JPEGs: decode at 1/2-1/8 size when still >= the
                                        # largest scale needed (fast on big photos, not bit-exact)
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # in 0..1 units
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # in 0..1 units
         num_threads=2, prefetch=8))
 
     c.batch_size = 256                 # global, over all processes and devices

@@ -183,15 +183,6 @@ class _Shaped:
     shape: tuple[int, ...]
 
 
-def _np_to_torch(a: np.ndarray):
-    import torch
-    if not a.flags.writeable:  # e.g. views into a msgpack buffer; torch wants its own memory
-        a = a.copy()
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
 def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                   verify_outputs: bool = True, name: str | None = None,
                   overrides: Mapping[str, Any] | None = None, rtol: float = 1e-4,
@@ -247,7 +238,7 @@ def flax_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
             save_file(dict(sd), tmp)
         else:
             import torch
-            torch.save(OrderedDict((k, _np_to_torch(v)) for k, v in sd.items()), tmp)
+            torch.save(OrderedDict((k, torch_io.numpy_to_torch(v)) for k, v in sd.items()), tmp)
         del sd
         gc.collect()
         release_memory()
