@@ -382,3 +382,26 @@ def test_bf16_training_follows_fp32(tmp_path):
           f"({worst[1]})")
     assert worst[0] >= 0.99, worst
     assert rel <= 2e-2
+
+
+def test_checkpointing_leaves_orbax_global_registry_and_logs_alone(tmp_path, caplog):
+    """The trainer's handler options (replica-parallel saving above 16 MiB) live in its own
+    managers' registry: orbax's global jax.Array handler is the same object after a save, and
+    orbax logs no warning ("Type handler registry ... overriding jax.Array") doing it."""
+    import orbax.checkpoint as ocp
+
+    from train.checkpoints import checkpoint_manager, save_state
+    before = ocp.type_handlers.get_type_handler(jax.Array)
+    state = {"params": {"fc8": {"kernel": jax.numpy.ones((4, 3))}}, "step": jax.numpy.array(2)}
+    with caplog.at_level(logging.WARNING):
+        mngr = checkpoint_manager(tmp_path, tiny(async_checkpointing=False))
+        mngr.save(2, args=ocp.args.Composite(state=save_state(state),
+                                             meta=ocp.args.JsonSave({"step": 2})))
+        mngr.wait_until_finished()
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                               sharding=a.sharding), state)
+        back = mngr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        mngr.close()
+    assert ocp.type_handlers.get_type_handler(jax.Array) is before
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert np.array_equal(back["state"]["params"]["fc8"]["kernel"], np.ones((4, 3)))

@@ -9,7 +9,6 @@ error (out of memory, a failing disk) propagates with its own message.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -41,9 +41,9 @@ class NoReadableCheckpoint(ConfigError):
 
 @contextlib.contextmanager
 def _orbax_notes_off():
-    """Without orbax's WARNING notes on what we chose on purpose: overriding its jax.Array
-    handler, opening the checkpoints read-only ("Given directory is read only"). They go through
-    absl's logger, which is orbax's; errors still show."""
+    """Without orbax's WARNING note on what we chose on purpose: opening the checkpoints
+    read-only ("Given directory is read only"). It goes through absl's logger, which is orbax's;
+    errors still show."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -53,15 +53,28 @@ def _orbax_notes_off():
         logger.setLevel(level)
 
 
-@functools.cache
-def _configure_array_saving() -> None:
-    """Replica-parallel saving (each replica writes a slice of a replicated array) compiles a
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The train state is written by a PyTree handler with its own type handler registry and
+    read by orbax's standard handler (the same files): handler options are chosen per manager,
+    orbax's global registry stays as it is (overriding an entry there logs a warning every run).
+
+    Replica-parallel saving (each replica writes a slice of a replicated array) compiles a
     slicing program per array shape; worth it for fc6's 400 MB, not for a 64-element bias."""
-    with _orbax_notes_off():
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(
-                use_replica_parallel=True, min_slice_bytes_for_replica_parallel=2 ** 24),
-            override=True)
+    th = ocp.type_handlers
+    types = [(ty, th.get_type_handler(ty))
+             for ty in (int, float, bytes, np.number, np.ndarray, str)]
+    types.append((jax.Array, th.ArrayHandler(use_replica_parallel=True,
+                                             min_slice_bytes_for_replica_parallel=2 ** 24)))
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(
+        type_handler_registry=th.create_type_handler_registry(*types)))
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
+    return registry
+
+
+def save_state(state) -> ocp.args.PyTreeSave:
+    """The ``state`` item's save args for ``checkpoint_manager``'s managers."""
+    return ocp.args.PyTreeSave(state)
 
 
 def checkpoint_manager(workdir: Path, config, read_only: bool = False) -> ocp.CheckpointManager:
@@ -71,11 +84,11 @@ def checkpoint_manager(workdir: Path, config, read_only: bool = False) -> ocp.Ch
             save_interval_steps=0)
         with _orbax_notes_off():
             return ocp.CheckpointManager(workdir / "checkpoints", options=options)
-    _configure_array_saving()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, create=True,
         enable_async_checkpointing=config.async_checkpointing, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                                 handler_registry=_handlers())
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -106,7 +119,7 @@ def check_fits(step_dir: Path, abstract_state, directory) -> None:
     ``abstract_state`` (other names, shapes or dtypes); _Damaged when their metadata is unreadable."""
     try:
         saved = _shapes(ocp.StandardCheckpointHandler().metadata(step_dir / "state"))
-    except Exception as e:
+    except (ValueError, KeyError, TypeError, EOFError, FileNotFoundError) as e:
         if _is_damage(e) or isinstance(e, (KeyError, TypeError)) or type(e) is ValueError:
             raise _Damaged(f"{type(e).__name__}: {_first_line(e)}") from e
         raise
@@ -140,7 +153,7 @@ def _restore_one(mngr, step: int, abstract_state, train_iter):
         items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
     try:
         r = mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
+    except (ValueError, EOFError, FileNotFoundError) as e:  # what _is_damage can recognise
         if _is_damage(e):
             raise _Damaged(f"{type(e).__name__}: {_first_line(e)}") from e
         raise

@@ -88,13 +88,15 @@ def _tfds_source(name: str, split: str, data_dir: str | None, manual_dir: str | 
     import tensorflow_datasets as tfds
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as first:  # not prepared (or not array_record) in data_dir
+    # not prepared (RuntimeError: not array_record), unknown name or split (ValueError, KeyError),
+    # files missing (OSError) or an incomplete preparation (AssertionError) in data_dir
+    except (ValueError, KeyError, RuntimeError, OSError, AssertionError) as first:
         if isinstance(first, (KeyError, ValueError)) and "split" in str(first).lower():
             raise DataError(f"{name} has no split {split!r}: {str(first).splitlines()[0]}; "
                             "set --config.train_split / --config.eval_split") from first
         try:
             builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as e:
+        except tfds.core.DatasetNotFoundError as e:
             raise DataError(f"unknown dataset {name!r}: not 'digits' nor a TFDS dataset "
                             "(see tfds.list_builders())") from e
         if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not (
@@ -112,7 +114,9 @@ def _tfds_source(name: str, split: str, data_dir: str | None, manual_dir: str | 
             return tfds.data_source(name, split=split, data_dir=data_dir, download=True,
                                     builder_kwargs={"file_format": "array_record"},
                                     download_and_prepare_kwargs=kwargs)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - last resort: TFDS's download and preparation
+            # fail in many library-specific types (network, checksums, TensorFlow's OpError,
+            # Beam); every one gets the same fix, so the run stops with that one line
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise DataError(
                 f"could not download and prepare {name} ({type(e).__name__}: {msg}); on a "

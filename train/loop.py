@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from train import input_pipeline, rundir, sharding
-from train.checkpoints import checkpoint_manager, restore_latest
+from train.checkpoints import checkpoint_manager, restore_latest, save_state
 from train.metrics import MetricWriter, plot_metrics
 from train.signals import StopFlag
 from train.state import Setup, make_plateau, plateau_from_json, plateau_to_json
@@ -127,7 +127,7 @@ def _train(setup, train_src, eval_src, workdir: Path, t_start: float) -> dict[st
     def save(at: int):
         meta = {"step": at, "plateau": plateau_to_json(plateau_state)}
         mngr.save(at, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+            state=save_state(state), meta=ocp.args.JsonSave(meta),
             data=grain.checkpoint.CheckpointSave(train_iter)), force=True)
 
     try:

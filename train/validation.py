@@ -197,6 +197,6 @@ def _check_dataset_name(name: str) -> None:
     import tensorflow_datasets as tfds
     try:
         tfds.builder_cls(name.split(":")[0].split("/")[0])
-    except Exception:
+    except tfds.core.DatasetNotFoundError:
         raise ConfigError(f"unknown dataset {name!r}: use 'digits' or a TFDS dataset name "
                           "(tfds.list_builders())") from None

@@ -116,13 +116,14 @@ def read_flax(path: Path, name: str | None = None, overrides: Mapping[str, Any] 
         module, _ = build_module(meta["name"], None, fields)
         from safetensors.numpy import load_file
         return meta["name"], module, unflatten(load_file(path))
+    import msgpack
     from flax import serialization
     if name is None:
         raise ConversionError(f"{path} (flax msgpack) does not say which VGG it holds; pass --name")
     module, _ = build_module(name, None, overrides)
     try:
         variables = serialization.msgpack_restore(path.read_bytes())
-    except Exception as err:  # msgpack raises several unrelated types for corrupt input
+    except (ValueError, TypeError, msgpack.UnpackException) as err:  # what corrupt input raises
         raise ConversionError(f"{path} is not a readable flax msgpack file "
                               f"({torch_io.short_error(err)})") from None
     return name, module, variables

@@ -120,7 +120,7 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, progress: bool
                 w.get_state_dict(progress=progress, check_hash=True, weights_only=True)
         except KeyboardInterrupt:
             raise
-        except Exception as err:  # offline: URLError, socket errors, HTTP errors, hash errors
+        except (OSError, RuntimeError) as err:  # offline, HTTP (URLError: OSError); bad hash
             raise ConversionError(
                 f"cannot fetch torchvision's {label} ({torch_io.short_error(err)}) and it is not "
                 f"in torch's hub cache at {cached}; download {w.url} there, or pass --weights PATH "
