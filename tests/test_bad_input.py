@@ -145,8 +145,8 @@ def test_load_refuses_in_one_line(ckpt, tmp_path, what, damage, message):
 
 
 def test_save_refuses_what_load_would_refuse(ckpt, tmp_path):
-    """save() without module= used to write variables of another shape under the name's
-    defaults, which load() then called damaged: now nothing is written."""
+    """save() without module= refuses variables of another shape than the name's defaults
+    (load() would call such a checkpoint damaged): nothing is written."""
     from vgg_flax import WeightMismatchError
     _, variables = vgg_flax.load(ckpt)
     with pytest.raises(WeightMismatchError, match="do not fit vgg11.*pass module=") as e:
@@ -218,8 +218,9 @@ BAD_FIELDS = [  # (field, value, what the line says is allowed)
                          ids=[f"{f}={v!r}" for f, v, _ in BAD_FIELDS])
 def test_bad_field_is_one_line_naming_it(field, value, allowed):
     """create() and clone() refuse the value where it is set: the field, the value and what is
-    allowed in one line, before anything is traced (these used to build 1-channel layers, (N, 0)
-    logits, fail at init with KeyError 'r', an MLIR error, or "str doesn't define __round__")."""
+    allowed in one line, before anything is traced (unchecked, these values build 1-channel
+    layers, (N, 0) logits, or fail at init with KeyError 'r', an MLIR error, or "str doesn't
+    define __round__")."""
     for build in (lambda: vgg_flax.create("vgg11", **{field: value}),
                   lambda: vgg_flax.create("vgg11").clone(**{field: value})):
         with pytest.raises(ValueError) as e:
@@ -387,9 +388,8 @@ def test_export_bad_arguments(tmp_path, what, args, message):
 
 def test_export_of_a_run_whose_model_load_would_refuse(tmp_path):
     """A run trained before its fields were checked (``--config.model_overrides.pool_size=7``
-    became (7,) and trained): export used to write a checkpoint load() refused, print a
-    CheckpointError traceback and leave it behind. Now one line, and nothing is written. (The
-    trainer refuses such a config up front: tests/test_train_inputs.py.)"""
+    became (7,) and trained) must not be exported as a checkpoint load() refuses: one line, and
+    nothing is written. (The trainer refuses such a config up front: tests/test_train_inputs.py.)"""
     from train.configs import digits
     config = digits.get_config()
     config.model_overrides.pool_size = (7,)

@@ -644,7 +644,7 @@ def test_unknown_torchvision_weights_name(tmp):
     _bad(tmp, "noweights", "vgg16_c", expect=["no published torchvision weights", "--weights PATH"])
 
 
-# -- bad input that used to give a traceback (issue 15): one line, exit 2, nothing left ---------
+# -- bad input that would give a traceback (issue 15): one line, exit 2, nothing left ---------
 @pytest.fixture(scope="session")
 def converted(tmp, small) -> Path:
     """A small orbax checkpoint written by the converter (to damage in copies)."""
@@ -733,8 +733,8 @@ def test_torch_to_flax_bad_input_table(tmp, small, tag, args, expect):
 
 
 def test_nan_weights_are_named(tmp, small, converted_msgpack):
-    """NaN weights used to come out as "outputs differ beyond the tolerance" (or, unverified,
-    to be written): one line naming the tensors, both ways, nothing written."""
+    """NaN weights are not reported as "outputs differ beyond the tolerance" (nor, unverified,
+    written): one line naming the tensors, both ways, nothing written."""
     from flax import serialization
     sd = {k: v.clone() for k, v in small[1].items()}
     sd["features.3.weight"][0, 0, 0, :2] = float("nan")
@@ -811,7 +811,7 @@ def test_flax_to_torch_bad_arguments_table(tmp, converted_msgpack, tag, args, ex
                                           (float("nan"), "the outputs are not finite (NaN or inf)")])
 def test_failed_verification_summary_says_nothing_was_written(tmp, small, monkeypatch, max_rel,
                                                               why):
-    """The summary used to print "-> OUT (orbax, 0.0 MB)" above "OUT was not written"."""
+    """The summary does not print "-> OUT (orbax, 0.0 MB)" above "OUT was not written"."""
     from vgg_flax.convert import jobs
     monkeypatch.setattr(jobs.V, "verify", lambda *a, **k: V.Verification(
         2, 32, max_rel, max_rel, None, 1e-4, ("logits",)))

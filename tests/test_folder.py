@@ -291,8 +291,8 @@ def _png16(path: Path, a: np.ndarray) -> None:
 
 
 def test_16bit_pngs_read_as_their_8bit_versions(tmp_path):
-    """A 16-bit grayscale PNG of a photo used to train and evaluate as a white image (RGB
-    conversion clips at 255): through the folder source (training, the trainer's evaluation and
+    """A 16-bit grayscale PNG of a photo is not a white image (which RGB conversion, clipping at
+    255, would make it): through the folder source (training, the trainer's evaluation and
     train/eval.py read it), the training and evaluation transforms and classify's reader, it is
     its 8-bit version to within 1/255. 16-bit RGB too."""
     photo = _photo(np.random.default_rng(0), [Image.fromarray(load_sample_images().images[1])],

@@ -316,7 +316,7 @@ def test_export_cli(env, tmp_path, uninterrupted):
            "--out", str(tmp_path / "out")]
     p = run(cmd, env)
     assert p.returncode == 0 and "exported vgg11_bn step 40" in p.stdout, p.stderr[-2000:]
-    assert p.stderr == ""  # orbax's read-only and type-registry notes used to fill it
+    assert p.stderr == ""  # not even orbax's read-only and type-registry notes
     import vgg_flax
     module, variables = vgg_flax.load(tmp_path / "out")
     assert_same(final_params(work)[0]["params"], variables["params"])

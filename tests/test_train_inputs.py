@@ -34,7 +34,7 @@ TINY = ["--config.model_overrides.width=0.125", "--config.model_overrides.hidden
      "model_overrides.width (channel multiplier) must be a finite number > 0, got 0"),
     (["--config.model_overrides.hidden_size=0"],
      "model_overrides.hidden_size (fc6/fc7 width, conv6/conv7 for SSD) must be a positive integer, got 0"),
-    # an int for a pair used to train (as (7,)) and export a checkpoint load refused (issue 26)
+    # an int for a pair would train (as (7,)) and export a checkpoint load refuses (issue 26)
     (["--config.model_overrides.pool_size=7"],
      "model_overrides.pool_size (pool5's adaptive average pool output) must be two positive "
      "integers (H, W), e.g. (7, 7), got (7,); set --config.model_overrides.pool_size"),

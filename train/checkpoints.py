@@ -27,7 +27,7 @@ from train.validation import ConfigError
 log = logging.getLogger("vgg_flax.train")
 
 # tensorstore status codes that mean the bytes on disk are wrong, not that reading them failed
-# for now (UNAVAILABLE, PERMISSION_DENIED, RESOURCE_EXHAUSTED... propagate).
+# at the moment (UNAVAILABLE, PERMISSION_DENIED, RESOURCE_EXHAUSTED... propagate).
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
 
 
