@@ -122,3 +122,17 @@ def test_modules_are_not_shadowed(name):
     assert getattr(vgg_flax, name.split(".")[1]) is module
     assert callable(vgg_flax.preprocess) and vgg_flax.preprocess.__module__ == "vgg_flax.images"
     assert callable(vgg_flax.pretrained) and vgg_flax.pretrained.__module__ == "vgg_flax.published"
+
+
+@pytest.mark.parametrize("name", ["vgg_flax", "vgg_flax.convert"])
+def test_all_is_all_that_is_exported(name):
+    """Every public attribute of the package that is not a submodule is in ``__all__`` (which
+    may list a submodule it documents, ``vgg_flax.losses``), and ``__all__`` names only what is
+    there: one documented surface, no internals."""
+    import importlib
+    import inspect
+    module = importlib.import_module(name)
+    public = {n for n, v in vars(module).items()
+              if not n.startswith("_") and not inspect.ismodule(v)}
+    assert public <= set(module.__all__), public - set(module.__all__)
+    assert all(hasattr(module, n) for n in module.__all__)

@@ -6,7 +6,7 @@ One way for each job:
 >>> model = vgg_flax.VGG16(num_classes=10)              # build: a Flax Linen module, NHWC
 >>> model = vgg_flax.create("vgg16", taps=("relu1_2", "relu4_3"))
 >>> variables = vgg_flax.from_torch(torch_state_dict, "vgg16")   # torch weights in memory
->>> module, variables = vgg_flax.pretrained("vgg16")      # published ImageNet weights, torch optional
+>>> module, variables = vgg_flax.pretrained("vgg16")      # published weights, torch optional
 >>> vgg_flax.save("ckpt", variables, "vgg16"); module, variables = vgg_flax.load("ckpt")
 
 Weight files: ``vgg_flax.convert.torch_to_flax`` / ``flax_to_torch``. Every weight problem is a
@@ -34,9 +34,9 @@ from vgg_flax.registry import (VGG11, VGG11_BN, VGG11_LRN, VGG13, VGG13_BN, VGG1
 from vgg_flax.weights import from_torch, identify, to_torch
 
 __all__ = [
-    "CFGS", "CheckpointError", "ConversionError", "VARIANTS", "VGG", "VGG11", "VGG11_BN",
-    "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16", "VGG16_BN", "VGG16_C", "VGG16_SSD", "VGG19",
-    "VGG19_BN", "WeightFileError", "WeightMismatchError", "WeightsError",
+    "CFGS", "CheckpointError", "ConversionError", "HOST_MALLOC", "VARIANTS", "VGG", "VGG11",
+    "VGG11_BN", "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16", "VGG16_BN", "VGG16_C", "VGG16_SSD",
+    "VGG19", "VGG19_BN", "WeightFileError", "WeightMismatchError", "WeightsError",
     "WeightsUnavailableError", "create", "from_torch", "identify", "imagenet_categories",
     "list_models", "load", "losses", "lpips", "metadata", "preprocess", "pretrained", "save",
     "to_nnx", "to_torch",
