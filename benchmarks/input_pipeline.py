@@ -132,14 +132,39 @@ def worker_grain(root: Path, batch: int, batches: int, cores: int, threads: int,
     return _time_batches(((b["image"], b["label"]) for b in it), batches, batch)
 
 
+def tf_resized_size(hw, s):
+    """torchvision's size rule in TF: shorter side ``s``, the longer one truncated."""
+    import tensorflow as tf
+    short = tf.minimum(hw[0], hw[1])
+    new = tf.cast(tf.cast(hw, tf.float32) * tf.cast(s, tf.float32) / tf.cast(short, tf.float32), tf.int32)
+    return tf.where(hw == short, s, new)
+
+
+def tf_window(data, hw, new, off, crop: int = 224):
+    """The (crop, crop) window at ``off`` of the JPEG ``data`` (size ``hw``) resized to ``new``,
+    as float32, with PIL's geometry: only the window's source rectangle plus the filter's reach
+    is decoded (accurate integer DCT), and resampled with the triangle filter widened by the
+    downscale factor (``antialias=True``: PIL's BILINEAR), sampling at the pixel centres of
+    the whole image resized to ``new`` (the translation puts the rectangle where it lies)."""
+    import tensorflow as tf
+    f = tf.cast(new, tf.float32) / tf.cast(hw, tf.float32)  # output pixels per source pixel
+    reach = tf.cast(tf.math.ceil(1.0 / tf.reduce_min(f)), tf.int32) + 2  # filter support
+    lo = tf.maximum(0, tf.cast(tf.floor(tf.cast(off, tf.float32) / f), tf.int32) - reach)
+    hi = tf.minimum(hw, tf.cast(tf.math.ceil(tf.cast(off + crop, tf.float32) / f), tf.int32) + reach)
+    img = tf.io.decode_and_crop_jpeg(data, tf.concat([lo, hi - lo], 0), channels=3,
+                                     dct_method="INTEGER_ACCURATE")
+    # tf.image.resize(antialias=True) is this op without the translation
+    return tf.raw_ops.ScaleAndTranslate(
+        images=img[None], size=[crop, crop], scale=f,
+        translation=tf.cast(lo, tf.float32) * f - tf.cast(off, tf.float32),
+        kernel_type="triangle", antialias=True)[0]
+
+
 def worker_tfdata(root: Path, batch: int, batches: int, cores: int, threads: int, draft: bool):
     """The same work as ``grain`` the idiomatic tf.data way: read the JPEG's shape, draw S and
-    the window, ``decode_and_crop_jpeg`` only the window's source rectangle (libjpeg-turbo skips
-    the rows above it, stops after its last row and does not convert the columns beside it),
-    with the accurate integer DCT (PIL's), and resample that rectangle to 224x224 with the
-    triangle filter widened by the downscale factor (``antialias=True``: PIL's BILINEAR). The
-    rectangle is the window's source area rounded out to whole pixels, so its edge pixels
-    differ slightly from PIL's (which reads the neighbours); the work is the same."""
+    the window, decode and resample only the window (``tf_window``: libjpeg-turbo skips the
+    rows above it, stops after its last row and does not convert the columns beside it), flip,
+    colour shift in float; map with AUTOTUNE parallelism, batch, prefetch."""
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     paths, labels = files(root)
@@ -150,17 +175,9 @@ def worker_tfdata(root: Path, batch: int, batches: int, cores: int, threads: int
         data = tf.io.read_file(path)
         hw = tf.io.extract_jpeg_shape(data)[:2]
         s = tf.random.uniform([], 256, 513, tf.int32)
-        short = tf.minimum(hw[0], hw[1])
-        # torchvision's size rule: shorter side S, longer side truncated
-        new = tf.cast(tf.cast(hw, tf.float32) * tf.cast(s, tf.float32) / tf.cast(short, tf.float32), tf.int32)
-        new = tf.where(hw == short, s, new)
+        new = tf_resized_size(hw, s)
         off = tf.cast(tf.random.uniform([2], 0.0, 1.0) * tf.cast(new - 223, tf.float32), tf.int32)
-        scale = tf.cast(hw, tf.float32) / tf.cast(new, tf.float32)  # source pixels per output pixel
-        lo = tf.cast(tf.floor(tf.cast(off, tf.float32) * scale), tf.int32)
-        hi = tf.minimum(hw, tf.cast(tf.math.ceil(tf.cast(off + 224, tf.float32) * scale), tf.int32))
-        img = tf.io.decode_and_crop_jpeg(data, tf.concat([lo, hi - lo], 0), channels=3,
-                                         dct_method="INTEGER_ACCURATE")
-        img = tf.image.resize(img, [224, 224], method="bilinear", antialias=True)
+        img = tf_window(data, hw, new, off)
         img = tf.image.random_flip_left_right(img)
         alpha = tf.random.normal([3], stddev=0.1)
         shift = 255.0 * tf.linalg.matvec(vec, alpha * val)

@@ -58,3 +58,37 @@ def test_input_pipeline_bench_bad_args(tmp_path):
     run = _run("--impls", "grain,dali", "--out", str(tmp_path / "x"), timeout=120)
     assert run.returncode == 2 and "unknown pipeline" in run.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_tfdata_window_is_grains_window():
+    """The tf.data contender does grain's work, not less: its window (decoded from the source
+    rectangle only) equals PIL's ``scale_jitter_crop`` of the full decode within one grey level
+    (float vs fixed-point filter weights); a window 3 pixels off is far outside that."""
+    import io
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import input_pipeline as bench
+    from vgg_flax.preprocess import resized_size, scale_jitter_crop
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    for t, size in enumerate([(500, 375), (375, 500), (333, 500), (500, 375), (640, 427)]):
+        buf = io.BytesIO()
+        photos[t % 2].resize(size).save(buf, "JPEG", quality=95)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            im.load()
+            s = int(rng.integers(256, 513))
+            h, w = resized_size(im.height, im.width, s)
+            top, left = int(rng.integers(0, h - 223)), int(rng.integers(0, w - 223))
+            ref = np.asarray(scale_jitter_crop(im, s, top, left, 224)).astype(int)
+        hw = tf.constant([size[1], size[0]])
+        new = bench.tf_resized_size(hw, s)
+        assert list(new.numpy()) == [h, w]
+        got = bench.tf_window(tf.constant(buf.getvalue()), hw, new, tf.constant([top, left]))
+        d = np.abs(np.round(got.numpy()).astype(int) - ref)
+        assert d.max() <= 1, (size, s, top, left, d.max())
+        off = bench.tf_window(tf.constant(buf.getvalue()), hw, new,
+                              tf.constant([top, max(left - 3, 0) if left else 3]))
+        assert np.abs(np.round(off.numpy()) - ref).max() > 20
