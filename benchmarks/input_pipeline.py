@@ -1,30 +1,37 @@
 """Can the host feed an accelerator? Images/s per CPU core of the ImageNet training transform.
 
-    python benchmarks/input_pipeline.py --images 1024 --rounds 3 --cores 1
+    python benchmarks/input_pipeline.py --images 768 --rounds 5 --cores 1
 
 The transform is the paper's (section 3.1): JPEG decode, isotropic rescale of the shorter side to
 S ~ U{256..512}, random 224x224 crop, horizontal flip with probability 1/2, AlexNet's PCA colour
-shift, uint8 batches. It runs on generated ImageNet-like JPEGs (about 500x375, about 110 KB at
-quality 95: scikit-learn's two sample photos, randomly cropped, resized, mirrored and
-noised), laid out as an ImageFolder tree, through three pipelines doing the same work:
+shift, uint8 batches. It runs on generated ImageNet-like JPEGs (500x375 or 375x500, about 110 KB
+at quality 95: scikit-learn's two sample photos, randomly cropped, resized, mirrored and
+noised), laid out as an ImageFolder tree, through two pipelines doing the same work:
 
 - ``grain``: ours, ``train/input_pipeline.train_dataset`` on ``dataset=folder``, exactly what
-  ``train/train.py`` runs (PIL decode, window-only resize, LUT colour shift, grain threads);
-- ``tf.data``: the big_vision / Flax ImageNet example standard (``decode_jpeg``, antialiased
-  bilinear ``tf.image.resize`` of the whole image, ``random_crop``, ``random_flip_left_right``,
-  the same colour shift in float), ``AUTOTUNE`` parallelism;
-- ``torch``: torchvision's ``ImageFolder`` + ``v2.RandomShortestSize(256..512)``,
-  ``RandomCrop(224)``, ``RandomHorizontalFlip`` and the colour shift, in a ``DataLoader``.
+  ``train/train.py`` runs (PIL decode with the accurate integer DCT, only the 224 window
+  resampled with PIL's antialiased bilinear filter, LUT colour shift, grain threads);
+- ``tf.data``: the same work written the idiomatic tf.data way (``decode_and_crop_jpeg`` of
+  the window's source rectangle with ``dct_method="INTEGER_ACCURATE"``, that rectangle resized
+  to 224 with ``antialias=True``, ``random_flip_left_right``, the colour shift in float; map
+  with ``AUTOTUNE`` parallelism, batch, prefetch).
+
+torchvision's ``DataLoader`` is not a row: its stock transforms resize the whole image
+(``RandomShortestSize``) and decode all of it, which is other work, and a same-work version
+would be this repository's PIL transform in another loader.
 
 Each measurement is a fresh worker process pinned to ``--cores`` CPUs (``sched_setaffinity``),
-so "per core" is literal; the pipelines alternate within each of ``--rounds`` rounds (the machine
-may be shared, interleaving spreads its noise over all three) and the median round is reported.
-A worker times whole batches after a warm-up batch.
+so "per core" is literal; the pipelines alternate within each of ``--rounds`` rounds (the
+machine may be shared: interleaving puts both under the same load) and the median round is
+reported, with grain / tf.data within each round and its median. A worker times an even number
+of batches after two warm-up batches and counts the images it received; it records its CPU
+seconds too (``cpu_seconds``: on a loaded machine, the figure that other jobs do not inflate).
 
 Then: host cores one accelerator needs for VGG-16 training at a derived step rate:
 VGG-16 forward at 224 is 15.47 G multiply-adds (torchvision's meta) = 30.9 GFLOP; a training
 step is ~3x the forward (forward, input gradient, weight gradient) = 92.8 GFLOP per image; an
-accelerator at ``--mfu`` (default 40%) of its dense bf16 peak trains peak * mfu / 92.8e9 images/s.
+accelerator at ``--mfu`` (default 40%) of its dense bf16 peak trains peak * mfu / 92.8e9 images/s;
+divided by the measured images/s per core.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLS = ("grain", "tf.data", "torch")
+IMPLS = ("grain", "tf.data")
 VGG16_GMACS = 15.47  # torchvision VGG16_Weights.IMAGENET1K_V1.meta["_ops"], one MAC = one op
 # Dense bf16 peak FLOP/s from the vendors' data sheets.
 ACCELERATORS = {"TPU v5e": 197e12, "A100 (SXM)": 312e12, "TPU v4": 275e12, "H100 (SXM)": 989e12}
@@ -94,13 +101,22 @@ def files(root: Path) -> tuple[list[str], list[int]]:
 
 
 # -- workers (one process each, pinned) --------------------------------------------------------
-def _time_batches(it, batches: int, batch: int) -> dict:
-    next(it)  # warm-up: threads started, first images decoded
-    t0 = time.perf_counter()
+def _time_batches(it, batches: int, batch: int, warmup: int = 2) -> dict:
+    """Images/s over ``batches`` (even) batches after ``warmup`` (even) ones. Even counts: with
+    two reader threads grain finishes batches in pairs, so an odd count after an odd warm-up
+    gets one batch free. Images are counted from the batches themselves. CPU seconds (every
+    thread of the process) are recorded too: on a shared machine they count only this
+    process's work, where wall time also counts the other jobs' turns on the pinned core."""
+    for _ in range(warmup):  # threads started, files cached, buffers in steady state
+        next(it)
+    images = 0
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
         b = next(it)
-    dt = time.perf_counter() - t0
-    return {"images": batches * batch, "seconds": dt, "last_batch_shape": list(b[0].shape)}
+        images += len(b[0])
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"images": images, "seconds": dt, "cpu_seconds": cpu,
+            "last_batch_shape": list(b[0].shape)}
 
 
 def worker_grain(root: Path, batch: int, batches: int, cores: int, threads: int, draft: bool):
@@ -109,15 +125,46 @@ def worker_grain(root: Path, batch: int, batches: int, cores: int, threads: int,
     c = base()
     c.dataset, c.data_dir, c.train_split = "folder", str(root), "train"
     c.input.update(train_kind="scale_jitter", scale_min=256, scale_max=512, crop_size=224,
-                   flip=True, colour_shift=0.1, num_threads=threads, prefetch=2 * batch,
-                   draft=draft)
+                   flip=True, colour_shift=0.1, num_threads=threads, draft=draft)
     c.batch_size = batch
     src = input_pipeline.get_source(c, "train")
     it = iter(input_pipeline.train_dataset(c, src, 0, 1))
     return _time_batches(((b["image"], b["label"]) for b in it), batches, batch)
 
 
+def tf_resized_size(hw, s):
+    """torchvision's size rule in TF: shorter side ``s``, the longer one truncated."""
+    import tensorflow as tf
+    short = tf.minimum(hw[0], hw[1])
+    new = tf.cast(tf.cast(hw, tf.float32) * tf.cast(s, tf.float32) / tf.cast(short, tf.float32), tf.int32)
+    return tf.where(hw == short, s, new)
+
+
+def tf_window(data, hw, new, off, crop: int = 224):
+    """The (crop, crop) window at ``off`` of the JPEG ``data`` (size ``hw``) resized to ``new``,
+    as float32, with PIL's geometry: only the window's source rectangle plus the filter's reach
+    is decoded (accurate integer DCT), and resampled with the triangle filter widened by the
+    downscale factor (``antialias=True``: PIL's BILINEAR), sampling at the pixel centres of
+    the whole image resized to ``new`` (the translation puts the rectangle where it lies)."""
+    import tensorflow as tf
+    f = tf.cast(new, tf.float32) / tf.cast(hw, tf.float32)  # output pixels per source pixel
+    reach = tf.cast(tf.math.ceil(1.0 / tf.reduce_min(f)), tf.int32) + 2  # filter support
+    lo = tf.maximum(0, tf.cast(tf.floor(tf.cast(off, tf.float32) / f), tf.int32) - reach)
+    hi = tf.minimum(hw, tf.cast(tf.math.ceil(tf.cast(off + crop, tf.float32) / f), tf.int32) + reach)
+    img = tf.io.decode_and_crop_jpeg(data, tf.concat([lo, hi - lo], 0), channels=3,
+                                     dct_method="INTEGER_ACCURATE")
+    # tf.image.resize(antialias=True) is this op without the translation
+    return tf.raw_ops.ScaleAndTranslate(
+        images=img[None], size=[crop, crop], scale=f,
+        translation=tf.cast(lo, tf.float32) * f - tf.cast(off, tf.float32),
+        kernel_type="triangle", antialias=True)[0]
+
+
 def worker_tfdata(root: Path, batch: int, batches: int, cores: int, threads: int, draft: bool):
+    """The same work as ``grain`` the idiomatic tf.data way: read the JPEG's shape, draw S and
+    the window, decode and resample only the window (``tf_window``: libjpeg-turbo skips the
+    rows above it, stops after its last row and does not convert the columns beside it), flip,
+    colour shift in float; map with AUTOTUNE parallelism, batch, prefetch."""
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     paths, labels = files(root)
@@ -125,15 +172,12 @@ def worker_tfdata(root: Path, batch: int, batches: int, cores: int, threads: int
     val = tf.constant(PCA_EIGVAL, tf.float32)
 
     def load(path, label):
-        img = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        data = tf.io.read_file(path)
+        hw = tf.io.extract_jpeg_shape(data)[:2]
         s = tf.random.uniform([], 256, 513, tf.int32)
-        hw = tf.shape(img)[:2]
-        short = tf.minimum(hw[0], hw[1])
-        # torchvision's size rule: shorter side S, longer side truncated
-        new = tf.cast(tf.cast(hw, tf.float32) * tf.cast(s, tf.float32) / tf.cast(short, tf.float32), tf.int32)
-        new = tf.where(hw == short, s, new)
-        img = tf.image.resize(img, new, method="bilinear", antialias=True)
-        img = tf.image.random_crop(img, [224, 224, 3])
+        new = tf_resized_size(hw, s)
+        off = tf.cast(tf.random.uniform([2], 0.0, 1.0) * tf.cast(new - 223, tf.float32), tf.int32)
+        img = tf_window(data, hw, new, off)
         img = tf.image.random_flip_left_right(img)
         alpha = tf.random.normal([3], stddev=0.1)
         shift = 255.0 * tf.linalg.matvec(vec, alpha * val)
@@ -145,37 +189,12 @@ def worker_tfdata(root: Path, batch: int, batches: int, cores: int, threads: int
           .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
     opts = tf.data.Options()
     opts.threading.private_threadpool_size = threads
+    opts.threading.max_intra_op_parallelism = 1
     ds = ds.with_options(opts)
     return _time_batches(((x.numpy(), y.numpy()) for x, y in ds), batches, batch)
 
 
-def worker_torch(root: Path, batch: int, batches: int, cores: int, threads: int, draft: bool):
-    import torch
-    from torchvision import datasets
-    from torchvision.transforms import v2
-    torch.set_num_threads(1)
-    vec = torch.tensor(PCA_EIGVEC)
-    val = torch.tensor(PCA_EIGVAL)
-
-    def colour_shift(x):
-        shift = 255.0 * (vec @ (torch.randn(3) * 0.1 * val))
-        return (x.float() + shift[:, None, None]).round_().clamp_(0, 255).to(torch.uint8)
-
-    t = v2.Compose([v2.RandomShortestSize(list(range(256, 513))), v2.RandomCrop(224),
-                    v2.RandomHorizontalFlip(), v2.PILToTensor(), v2.Lambda(colour_shift)])
-    ds = datasets.ImageFolder(str(root / "train"), transform=t)
-    # one worker process per core; the main process only collates
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=cores,
-                                     drop_last=True, persistent_workers=True, prefetch_factor=4)
-
-    def forever():
-        while True:
-            for x, y in dl:
-                yield x.numpy(), y.numpy()
-    return _time_batches(forever(), batches, batch)
-
-
-WORKERS = {"grain": worker_grain, "tf.data": worker_tfdata, "torch": worker_torch}
+WORKERS = {"grain": worker_grain, "tf.data": worker_tfdata}
 
 
 def run_worker(args) -> None:
@@ -194,6 +213,7 @@ def measure(impl: str, args, root: Path) -> dict:
            str(args.batch), "--batches", str(args.batches), "--cores", str(args.cores),
            "--threads", str(threads)] + (["--draft"] if args.draft else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    load = os.getloadavg()[0]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     if p.returncode or line is None:
@@ -201,7 +221,9 @@ def measure(impl: str, args, root: Path) -> dict:
     r = json.loads(line[7:])
     r["img_s"] = r["images"] / r["seconds"]
     r["img_s_per_core"] = r["img_s"] / args.cores
+    r["img_per_cpu_s"] = r["images"] / r["cpu_seconds"]
     r["threads"] = threads
+    r["load_before"] = load  # 1-minute load average as the run started
     return r
 
 
@@ -215,6 +237,19 @@ def accelerator_needs(per_core: float, mfu: float) -> list[dict]:
     return rows
 
 
+def summarize(runs: dict[str, list[dict]]) -> tuple[dict, dict | None]:
+    """Per pipeline: the median and every round's images/s per core. And grain / tf.data within
+    each round (adjacent runs, so closer in machine load than the two medians) with its median."""
+    summary = {impl: {"img_s_per_core": statistics.median(m["img_s_per_core"] for m in ms),
+                      "rounds": [m["img_s_per_core"] for m in ms], "threads": ms[0]["threads"],
+                      "img_per_cpu_s": statistics.median(m["img_per_cpu_s"] for m in ms)}
+               for impl, ms in runs.items()}
+    if not {"grain", "tf.data"} <= set(summary):
+        return summary, None
+    per_round = [g / t for g, t in zip(summary["grain"]["rounds"], summary["tf.data"]["rounds"])]
+    return summary, {"per_round": per_round, "median": statistics.median(per_round)}
+
+
 def markdown(result: dict) -> str:
     a = result["args"]
     lines = [f"# Input pipeline: ImageNet training transform, images/s per host core",
@@ -222,29 +257,31 @@ def markdown(result: dict) -> str:
              f"`{result['command']}`",
              "",
              f"{a['images']} generated JPEGs ({result['data']['width_x_height']}, mean "
-             f"{result['data']['mean_kb']:.0f} KB, quality {result['data']['quality']}); decode, "
-             "S ~ U{256..512} rescale, random 224 crop, flip, PCA colour shift; batch "
-             f"{a['batch']}, {a['batches']} timed batches per run; each run a fresh process pinned to "
-             f"{a['cores']} core(s); {a['rounds']} interleaved rounds, median. Machine: "
-             f"{result['machine']}.",
+             f"{result['data']['mean_kb']:.0f} KB, quality {result['data']['quality']}); decode "
+             "(accurate DCT), S ~ U{256..512} rescale of the 224 window only, flip, PCA colour "
+             f"shift; batch {a['batch']}, {a['batches']} timed batches per run after 2 warm-up "
+             f"batches; each run a fresh process pinned to {a['cores']} core(s); {a['rounds']} "
+             f"interleaved rounds, median. Machine: {result['machine']}.",
              "",
-             "| pipeline | images/s per core (median) | rounds | vs tf.data |",
-             "|---|---|---|---|"]
+             "| pipeline | images/s per core (median) | rounds | vs tf.data | images per CPU-second |",
+             "|---|---|---|---|---|"]
     ref = result["summary"].get("tf.data", {}).get("img_s_per_core")
     for impl, s in result["summary"].items():
         rounds = ", ".join(f"{x:.0f}" for x in s["rounds"])
         rel = f"{s['img_s_per_core'] / ref:.2f}x" if ref else "-"
-        lines.append(f"| {impl} | {s['img_s_per_core']:.0f} | {rounds} | {rel} |")
-    if "grain" in result["summary"] and ref:
-        ratios = [g / t for g, t in zip(result["summary"]["grain"]["rounds"],
-                                        result["summary"]["tf.data"]["rounds"])]
-        lines += ["", "grain / tf.data within each round (adjacent runs, so closer in machine load than the medians): "
-                  + ", ".join(f"{r:.2f}x" for r in ratios) + "."]
-    if result.get("load_average"):
-        lines += ["", f"Load average before / after the run: {result['load_average']} (other "
-                  "jobs on the machine slow every pipeline alike; absolute figures are lower bounds)."]
-    lines += ["", f"Host cores per accelerator for VGG-16 training at the grain rate (derived: "
-              f"3 x 2 x {VGG16_GMACS} GFLOP per image at {100 * a['mfu']:.0f}% of dense bf16 peak):",
+        lines.append(f"| {impl} | {s['img_s_per_core']:.0f} | {rounds} | {rel} | "
+                     f"{s['img_per_cpu_s']:.0f} |")
+    if result.get("ratio"):
+        r = result["ratio"]
+        lines += ["", "grain / tf.data within each round: "
+                  + ", ".join(f"{x:.2f}x" for x in r["per_round"])
+                  + f"; median **{r['median']:.2f}x**."]
+    loads = ", ".join(f"{m['load_before']:.1f}" for ms in result["runs"].values() for m in ms)
+    lines += ["", f"1-minute load average as each run started: {loads} on {os.cpu_count()} CPUs "
+              "(other jobs slow both pipelines; on a loaded machine read the per-round ratios)."]
+    lines += ["", f"Host cores per accelerator for VGG-16 training (derived: 3 x 2 x "
+              f"{VGG16_GMACS} GFLOP per image at {100 * a['mfu']:.0f}% of dense bf16 peak, divided "
+              "by the measured images/s per core):",
               "", "| accelerator | peak TFLOP/s | VGG-16 train img/s | host cores (grain) |"
               " host cores (tf.data) |", "|---|---|---|---|---|"]
     acc = result["accelerators"]
@@ -257,10 +294,11 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=1024, help="generated JPEGs")
+    p.add_argument("--images", type=int, default=768, help="generated JPEGs")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=None, help="timed batches (default: one epoch)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", type=int, default=None,
+                   help="timed batches, rounded up to even (default: an epoch less the warm-up)")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cores", type=int, default=1, help="CPUs each worker is pinned to")
     p.add_argument("--threads", type=int, default=None, help="grain/tf.data threads (2 x cores)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ", ".join(IMPLS))
@@ -283,9 +321,9 @@ def main(argv=None) -> int:
         print(f"error: unknown pipeline(s) {bad} or --cores outside 1..{len(os.sched_getaffinity(0))}",
               file=sys.stderr)
         return 2
-    args.batches = args.batches or max(1, args.images // args.batch - 1)
+    args.batches = args.batches or args.images // args.batch - 2
+    args.batches = max(2, args.batches + args.batches % 2)
     w, h = (int(x) for x in args.size.lower().split("x"))
-    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
         root = Path(tmp)
         data = make_images(root, args.images, size=(w, h))
@@ -295,22 +333,17 @@ def main(argv=None) -> int:
             for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate who goes first
                 m = measure(impl, args, root)
                 runs[impl].append(m)
-                print(f"round {r + 1} {impl}: {m['img_s_per_core']:.0f} images/s per core",
-                      flush=True)
-    summary = {}
-    for impl, ms in runs.items():
-        rates = [m["img_s_per_core"] for m in ms]
-        summary[impl] = {"img_s_per_core": statistics.median(rates), "rounds": rates,
-                         "threads": ms[0]["threads"]}
+                print(f"round {r + 1} {impl}: {m['img_s_per_core']:.0f} images/s per core "
+                      f"(load {m['load_before']:.1f})", flush=True)
+    summary, ratio = summarize(runs)
     import platform
     result = {"command": "python benchmarks/input_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "args": vars(args), "data": data, "summary": summary,
+              "args": vars(args), "data": data, "summary": summary, "ratio": ratio,
               "machine": f"{platform.processor() or platform.machine()}, "
                          f"{len(os.sched_getaffinity(0))} CPUs visible",
               "accelerators": {i: accelerator_needs(s["img_s_per_core"], args.mfu)
                                for i, s in summary.items()},
-              "runs": runs,
-              "load_average": f"{load_before:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"}
+              "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown(result))):

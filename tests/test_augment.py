@@ -221,3 +221,21 @@ def test_one_channel_images_and_eval_transform(photos):
     assert got.shape == (32, 32, 1)
     top, left = int(round((ref.shape[0] - 32) / 2)), int(round((ref.shape[1] - 32) / 2))
     assert np.array_equal(got[..., 0], ref[top:top + 32, left:left + 32])
+
+
+def test_training_decode_applies_exif_orientation(tmp_path, photos):
+    """``train.folder.decode`` turns an image upright in place (no copy without a tag); the
+    pixels are the plain decode's either way."""
+    from train.folder import decode
+    from vgg_flax.preprocess import load_image
+    im = photos[3].resize((90, 50))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    im.save(tmp_path / "plain.jpg", quality=95)
+    rot = decode(str(tmp_path / "rot.jpg"))
+    assert rot.size == (50, 90) and rot.mode == "RGB"
+    assert np.array_equal(np.asarray(rot), np.asarray(load_image(tmp_path / "rot.jpg")))
+    plain = decode(str(tmp_path / "plain.jpg"))
+    with Image.open(tmp_path / "plain.jpg") as ref:
+        assert plain.size == (90, 50) and np.array_equal(np.asarray(plain), np.asarray(ref))

@@ -74,7 +74,10 @@ def decode(path: str, draft: int | None = None) -> Image.Image:
         if draft and im.format == "JPEG":
             im.draft("RGB", (draft, draft))
         im.load()
-        return to_rgb(ImageOps.exif_transpose(im))  # 16-bit scaled as classify reads it
+        # in place: without an orientation tag exif_transpose would return a copy of the whole
+        # decoded image (~12% of a 500x375 JPEG's decode time)
+        ImageOps.exif_transpose(im, in_place=True)
+        return to_rgb(im)  # 16-bit scaled as classify reads it
 
 
 class SkipLog:
