@@ -227,7 +227,7 @@ def test_training_decode_applies_exif_orientation(tmp_path, photos):
     """``train.folder.decode`` turns an image upright in place (no copy without a tag); the
     pixels are the plain decode's either way."""
     from train.folder import decode
-    from vgg_flax.preprocess import load_image
+    from vgg_flax.images import load_image
     im = photos[3].resize((90, 50))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"

@@ -71,7 +71,7 @@ def test_tfdata_window_is_grains_window():
     from sklearn.datasets import load_sample_images
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import input_pipeline as bench
-    from vgg_flax.preprocess import resized_size, scale_jitter_crop
+    from vgg_flax.images import resized_size, scale_jitter_crop
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(a) for a in load_sample_images().images]
     for t, size in enumerate([(500, 375), (375, 500), (333, 500), (500, 375), (640, 427)]):
