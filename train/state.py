@@ -16,8 +16,11 @@ from vgg_flax.model import init_compiler_options
 
 
 def model_overrides(config) -> dict[str, Any]:
-    """The VGG fields the config sets (``model_overrides`` keys that are not None)."""
-    return {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
+    """The VGG fields the config sets (``model_overrides`` keys that are not None), sequences
+    as tuples (train_config.json, read back on export, holds lists)."""
+    def tuples(v):
+        return tuple(map(tuples, v)) if isinstance(v, (list, tuple)) else v
+    return {k: tuples(v) for k, v in config.model_overrides.to_dict().items() if v is not None}
 
 
 def make_model(config, num_classes: int) -> vgg_flax.VGG:
