@@ -11,8 +11,9 @@ Where (``config.compile_cache``, the first that applies):
 
 Programs over several devices that hold oneDNN convolutions are compiled in every process: JAX
 keys their batch partitioning (``custom_partitioning``) by a per-process pointer, so such an
-entry is never found again (``vgg_flax/onednn.py``). One device, ``conv='xla'`` and every
-GPU/TPU program are served from the cache.
+entry is never found again (``vgg_flax/onednn.py``) and each restart stores one more. The cache
+is therefore capped (MAX_BYTES, least recently used out first; ``JAX_COMPILATION_CACHE_MAX_SIZE``
+overrides). One device, ``conv='xla'`` and every GPU/TPU program are served from the cache.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from jax.experimental.compilation_cache import compilation_cache as _cc
 from train.validation import ConfigError
 
 OFF = ("", "off")
+MAX_BYTES = 1 << 30  # a VGG-16 training step is ~130 KB on XLA:CPU: room for thousands
 _HIT, _MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 
 
@@ -93,6 +95,8 @@ def use(path: Path | None) -> None:
             _cc.reset_cache()
         return
     path.mkdir(parents=True, exist_ok=True)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # read when the cache opens
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     if not jax.config.jax_enable_compilation_cache:
         jax.config.update("jax_enable_compilation_cache", True)
     if current != str(path):
