@@ -3,7 +3,6 @@ rules of train/sharding.py, FSDP on) lowered for TPU and for CUDA over a 64-devi
 CPU-only custom call, and train/memory_report.py reports per-device bytes for that mesh, on 64
 fake CPU devices. A tiny VGG-16: lowering and one compiled init only.
 Budget: ~20 s on 2 shared cores (one subprocess; the in-process control lowers on 1 device)."""
-import json
 import math
 import os
 import re
@@ -12,8 +11,7 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh
 
 from train import input_pipeline, sharding, trainer
 from train.state import Setup
