@@ -215,11 +215,22 @@ def test_undecodable_files_are_skipped_reported_and_counted(run, tree):
     assert result["status"] == "done" and result["step"] == 2
     broken = str(tree / "train" / "a_dog" / "zz_broken.jpg")
     truncated = str(tree / "val" / "b_cat" / "zz_truncated.png")
-    assert sum(broken in m and "skipped" in m for m in messages) == 1  # reported once
-    assert sum(truncated in m and "skipped" in m for m in messages) == 1
+    as_met = [m for m in messages if "skipped during this run" not in m]
+    assert sum(broken in m and "skipped" in m for m in as_met) == 1  # reported once
+    assert sum(truncated in m and "skipped" in m for m in as_met) == 1
     assert any("val: 1 undecodable file(s) skipped and masked out" in m for m in messages)
     val_files = len(folder.FolderSource(tree, "val", sorted(CLASSES)).samples)
     assert result["eval_examples"] == val_files - 1  # the truncated PNG counts for nothing
+    # the end-of-run line: the count per split and the files, in the order they were met
+    end = [m for m in messages if "skipped during this run" in m]
+    assert len(end) == 1 and end[0].startswith("2 undecodable file(s) skipped during this run "
+                                               "(train 1, val 1): "), end
+    assert broken in end[0] and truncated in end[0] and "\n" not in end[0]
+    assert result["skipped_files"] == 2 and set(result["skipped_first"]) == {broken, truncated}
+    last = json.loads((run[3] / "work" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and "eval_top1" in last
+    assert last["skipped_files"] == 2 and last["skipped_per_split"] == {"train": 1, "val": 1}
+    assert set(last["skipped_first"]) == {broken, truncated}
 
 
 def test_head_reinitialised_for_the_folder_classes(run):

@@ -128,6 +128,11 @@ def test_second_trainer_refused_and_sigkill_resumes_exactly(env, tmp_path, unint
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path, uninterrupted):
+    """A preempted run (SIGTERM) checkpoints and exits 0; its restart resumes to the same
+    parameters without compiling its training step: the run's own persistent cache
+    (DIR/xla_cache, as without JAX_COMPILATION_CACHE_DIR) serves it."""
+    env = {k: v for k, v in env.items() if k not in ("JAX_COMPILATION_CACHE_DIR",
+                                                     "VGG_FLAX_CACHE")}
     proc = subprocess.Popen(train_cmd(tmp_path, *RESUME), env=env, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_checkpoint(proc, tmp_path / "checkpoints")
@@ -138,9 +143,16 @@ def test_sigterm_checkpoints_and_exits_cleanly(env, tmp_path, uninterrupted):
     stopped = int(line.split("at step ")[1].split(";")[0])
     assert 0 < stopped < 40
     assert (tmp_path / "checkpoints" / str(stopped) / "_CHECKPOINT_METADATA").exists()
-    # and the rerun finishes where the uninterrupted run did
+    cache = tmp_path / "xla_cache"
+    assert f"compilation cache {cache}: 0 program(s) read from it" in err
+    stored = {p.name for p in cache.iterdir()}
+    # and the rerun finishes where the uninterrupted run did, its step read from the cache
     p = run(train_cmd(tmp_path, *RESUME), env)
     assert p.returncode == 0, p.stderr[-2000:]
+    first = re.search(rf"first step .* compilation cache {cache}: (\d+) program\(s\) read from "
+                      r"it, (\d+) looked up and compiled", p.stderr)
+    assert first and int(first.group(1)) >= 1 and first.group(2) == "0", p.stderr[-2000:]
+    assert stored <= {p.name for p in cache.iterdir()}
     assert_same(uninterrupted[0], final_params(tmp_path)[0])
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train import input_pipeline, rundir, sharding
+from train import compile_cache, input_pipeline, rundir, sharding
 from train.checkpoints import checkpoint_manager, restore_latest, save_state
 from train.metrics import MetricWriter, plot_metrics
 from train.signals import StopFlag
@@ -66,6 +66,31 @@ def _diverged(metrics, step: int, good: int | None, directory) -> TrainingDiverg
     return TrainingDiverged(f"{bad} not finite at step {step}: stopped; {where}")
 
 
+SKIPPED_NAMED = 5
+
+
+def skipped_files(*sources) -> dict[str, Any]:
+    """How many files of ``sources`` could not be decoded in this process so far (folder
+    datasets' ``SkipLog``), per split, and the first few paths in the order they were met."""
+    paths, per_split = [], {}
+    for src in sources:
+        log_ = getattr(src, "skipped", None)
+        if log_ is not None and len(log_):
+            per_split[log_.split] = per_split.get(log_.split, 0) + len(log_)
+            paths += [p for p in list(log_.paths) if p not in paths]
+    return {"skipped_files": len(paths), "skipped_per_split": per_split,
+            "skipped_first": paths[:SKIPPED_NAMED]}
+
+
+def skipped_line(summary: dict[str, Any]) -> str:
+    """The end-of-run line: the count, per split, and the first few paths."""
+    n, shown = summary["skipped_files"], summary["skipped_first"]
+    splits = ", ".join(f"{k} {v}" for k, v in summary["skipped_per_split"].items())
+    more = f" and {n - len(shown)} more" if n > len(shown) else ""
+    return (f"{n} undecodable file(s) skipped during this run ({splits}): "
+            f"{', '.join(shown)}{more}; the reasons are in the warnings above")
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (resuming from DIR/checkpoints when there is one) and evaluate. Returns the final
     metrics and ``status`` ("done", "preempted" after SIGTERM, "interrupted" after SIGINT);
@@ -74,15 +99,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     t_start = time.time()
     workdir = Path(workdir).absolute()
     setup, train_src, eval_src = prepare(config, workdir)
+    cache = compile_cache.resolve(setup.config, workdir)
     with rundir.workdir_lock(workdir, jax.process_index() == 0):  # WorkdirBusy: a ConfigError
-        return _train(setup, train_src, eval_src, workdir, t_start)
+        compile_cache.use(cache)
+        return _train(setup, train_src, eval_src, workdir, t_start, cache)
 
 
-def _train(setup, train_src, eval_src, workdir: Path, t_start: float) -> dict[str, Any]:
+def _train(setup, train_src, eval_src, workdir: Path, t_start: float,
+           cache: Path | None = None) -> dict[str, Any]:
     from tqdm import tqdm
     config = setup.config
     pi, pc = jax.process_index(), jax.process_count()
     primary = pi == 0
+    hits = compile_cache.counter()
+    hits0, misses0, entries0 = hits.hits, hits.misses, compile_cache.entries(cache)
 
     train_ds = input_pipeline.train_dataset(config, train_src, pi, pc)
     eval_ds = input_pipeline.eval_dataset(config, eval_src, pi, pc)
@@ -145,11 +175,20 @@ def _train(setup, train_src, eval_src, workdir: Path, t_start: float) -> dict[st
                     break
                 batch = global_batch(setup, next(train_iter))
                 state, metrics = train_step(state, batch, jnp.float32(lr_scale))
+                if "first_step_s" not in final:  # compiled (or read) and dispatched: it runs now
+                    t_dispatched = time.time() - t_start
                 metrics = jax.device_get(metrics)
                 if not metrics["finite"]:
                     mngr.wait_until_finished()
                     raise _diverged(metrics, step + 1, mngr.latest_step(), mngr.directory)
                 step += 1
+                if "first_step_s" not in final:
+                    final["first_step_s"] = time.time() - t_start
+                    final["compile_cache_hits"] = hits.hits - hits0
+                    log.info("first step dispatched %.1f s and done %.1f s after start; "
+                             "compilation cache %s: %d program(s) read from it, %d looked up and "
+                             "compiled", t_dispatched, final["first_step_s"], cache or "off",
+                             hits.hits - hits0, hits.misses - misses0)
                 window.append({k: float(v) for k, v in metrics.items()
                                if k not in ("finite", "param_norm")})
                 bar.update(1)
@@ -163,7 +202,12 @@ def _train(setup, train_src, eval_src, workdir: Path, t_start: float) -> dict[st
                     window, t_window = [], time.time()
                 if step % config.eval_every_steps == 0 or step == config.total_steps:
                     last_eval = evaluate(setup, eval_step, state, eval_ds)
-                    writer.write(step, last_eval)
+                    record = dict(last_eval)
+                    if step == config.total_steps:  # the run's last record: what it skipped
+                        record.update({k: final[k] for k in ("first_step_s",
+                                                             "compile_cache_hits") if k in final})
+                        record.update(skipped_files(train_src, eval_src))
+                    writer.write(step, record)
                     if primary:
                         bar.write(f"step {step}: eval top-1 {last_eval['eval_top1']:.2%}  "
                                   f"top-5 {last_eval['eval_top5']:.2%}  "
@@ -186,7 +230,13 @@ def _train(setup, train_src, eval_src, workdir: Path, t_start: float) -> dict[st
         last_eval = evaluate(setup, eval_step, state, eval_ds)  # resumed at the end: report it
     if last_eval is not None:
         final.update(last_eval)
+    final.update(skipped_files(train_src, eval_src))
     if primary:
+        if final["skipped_files"]:
+            log.warning("%s", skipped_line(final))
+        if cache is not None:
+            log.info("compilation cache %s: %d program(s) read from it, %d new", cache,
+                     hits.hits - hits0, compile_cache.entries(cache) - entries0)
         plot_metrics(workdir)
     final.update(step=step, wall_time_s=time.time() - t_start, workdir=str(workdir))
     final["state"] = state

@@ -52,13 +52,9 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return out
 
 
-def step_memory(config, batch_size: int, num_classes: int = 1000,
-                channels: int = 3) -> dict[str, float]:
-    """Per-device memory and communication of one compiled training step (nothing runs).
-
-    ``argument``: the sharded state and batch; ``temp``: activations, gradients and XLA's
-    scratch; ``collectives``: bytes per collective kind per device per step.
-    """
+def _abstract_step(config, batch_size: int, num_classes: int, channels: int):
+    """(the jitted training step, its abstract arguments) for the config's mesh over this
+    process's devices (``--xla_force_host_platform_device_count`` fakes a pod's count on CPU)."""
     config = resolved(config)
     data, model = sharding.mesh_shape(config.mesh.data, config.mesh.model, jax.device_count())
     mesh = sharding.make_mesh(data, model)
@@ -69,9 +65,41 @@ def step_memory(config, batch_size: int, num_classes: int = 1000,
                                            sharding=batch_sh),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh)}
     lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-    compiled = make_train_step(setup).lower(setup.abstract_sharded, batch, lr).compile()
+    return setup, make_train_step(setup), (setup.abstract_sharded, batch, lr)
+
+
+def export_step(config, batch_size: int, platforms: tuple[str, ...], num_classes: int = 1000,
+                channels: int = 3) -> jax.export.Exported:
+    """The trainer's sharded training step serialized for ``platforms`` ("tpu", "cuda", ...)
+    with ``jax.export``: lowering only, on any host, for a mesh of this process's devices."""
+    _, step, args = _abstract_step(config, batch_size, num_classes, channels)
+    return jax.export.export(step, platforms=platforms)(*args)
+
+
+def custom_calls(module_text: str) -> set[str]:
+    """The custom-call targets of a StableHLO/HLO module's text."""
+    return set(re.findall(r"custom_call @([\w.]+)", module_text)) | set(
+        re.findall(r'custom_call_target="([^"]+)"', module_text))
+
+
+def cpu_only_calls(targets: set[str]) -> set[str]:
+    """The targets only a CPU runtime provides: vgg_flax's oneDNN convolutions
+    (``vgg_flax/onednn.py``, ``vgg_flax_conv_*``), LAPACK, XLA:CPU's oneDNN and host callbacks."""
+    return {t for t in targets
+            if re.match(r"(vgg_flax_|lapack_|__onednn|__xla_cpu|xla_cpu|xla_.*cpu_callback)", t)}
+
+
+def step_memory(config, batch_size: int, num_classes: int = 1000,
+                channels: int = 3) -> dict[str, float]:
+    """Per-device memory and communication of one compiled training step (nothing runs).
+
+    ``argument``: the sharded state and batch; ``temp``: activations, gradients and XLA's
+    scratch; ``collectives``: bytes per collective kind per device per step.
+    """
+    setup, step, args = _abstract_step(config, batch_size, num_classes, channels)
+    compiled = step.lower(*args).compile()
     mem = compiled.memory_analysis()
-    return {"devices": data * model, "argument_bytes": mem.argument_size_in_bytes,
+    return {"devices": setup.mesh.size, "argument_bytes": mem.argument_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "alias_bytes": mem.alias_size_in_bytes,
             "collectives": collective_bytes(compiled.as_text())}

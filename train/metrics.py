@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def _tensorboard_writer():
@@ -39,13 +40,14 @@ class MetricWriter:
         summary_writer = _tensorboard_writer()
         self.tb = summary_writer(str(workdir), purge_step=resume_step + 1 if resume_step else None)
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.active:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": int(step), **scalars}) + "\n")
         for k, v in scalars.items():
-            self.tb.add_scalar(k, v, int(step))
+            if isinstance(v, (int, float)):  # lists and dicts (skipped files) go to jsonl only
+                self.tb.add_scalar(k, v, int(step))
         self.tb.flush()
 
     def close(self) -> None:

@@ -15,10 +15,19 @@ from train.validation import ConfigError
 from vgg_flax.model import init_compiler_options
 
 
+def model_overrides(config) -> dict[str, Any]:
+    """The VGG fields the config sets (``model_overrides`` keys that are not None), sequences
+    as tuples (train_config.json, read back on export, holds lists)."""
+    def tuples(v):
+        return tuple(map(tuples, v)) if isinstance(v, (list, tuple)) else v
+    return {k: tuples(v) for k, v in config.model_overrides.to_dict().items() if v is not None}
+
+
 def make_model(config, num_classes: int) -> vgg_flax.VGG:
+    fields = {"param_dtype": "float32", **model_overrides(config)}
+    fields["param_dtype"] = jnp.dtype(fields["param_dtype"])  # the config holds its name
     return vgg_flax.create(config.model, num_classes=num_classes,
-                           dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.float32,
-                           **config.model_overrides.to_dict())
+                           dtype=jnp.dtype(config.compute_dtype), **fields)
 
 
 def make_schedule(config):

@@ -9,7 +9,8 @@ from train import input_pipeline, sharding  # noqa: F401  (tests reach them thro
 from train.checkpoints import (CheckpointMismatch, NoReadableCheckpoint, check_fits,  # noqa: F401
                                checkpoint_manager, restore_latest)
 from train.loop import prepare, train_and_evaluate  # noqa: F401
-from train.memory import collective_bytes, state_memory, step_memory  # noqa: F401
+from train.memory import (collective_bytes, cpu_only_calls, custom_calls,  # noqa: F401
+                          export_step, state_memory, step_memory)
 from train.metrics import MetricWriter, plot_metrics  # noqa: F401
 from train.rundir import (CADENCE_KEYS, CONFIG_FILE, PLACEMENT_KEYS, check_drift,  # noqa: F401
                           config_changes, export, read_run, restore_variables)

@@ -4,6 +4,7 @@ Each failure is a ConfigError whose message is one line naming the key, the valu
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import os
@@ -107,8 +108,7 @@ def _check_ranges(config) -> None:
 
 
 # model_overrides the trainer sets itself (make_model).
-_SET_BY_TRAINER = {"num_classes": "the dataset sets it", "dtype": "set compute_dtype instead",
-                   "param_dtype": "parameters train in float32"}
+_SET_BY_TRAINER = {"num_classes": "the dataset sets it", "dtype": "set compute_dtype instead"}
 
 
 def check_model(config) -> None:
@@ -120,8 +120,13 @@ def check_model(config) -> None:
                           f"{', '.join(vgg_flax.list_models())}")
     if vgg_flax.create(config.model).head != "fc":
         raise ConfigError(f"{config.model} has no classifier head; train a classification VGG")
-    overrides = config.model_overrides.to_dict()
+    overrides = {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
     for key, value in overrides.items():
+        if key not in FIELDS:
+            near = difflib.get_close_matches(key, FIELDS, n=1)
+            fix = f"did you mean --config.model_overrides.{near[0]}?" if near else (
+                f"VGG's fields are {', '.join(FIELDS)}")
+            raise ConfigError(f"model_overrides.{key} is not a VGG field; {fix}")
         if key in _SET_BY_TRAINER:
             raise ConfigError(f"model_overrides.{key} cannot be set ({_SET_BY_TRAINER[key]}); "
                               f"remove --config.model_overrides.{key}")

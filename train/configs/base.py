@@ -5,10 +5,33 @@ from train.sharding import DEFAULT_RULES
 from vgg_flax.registry import IMAGENET_MEAN, IMAGENET_STD
 
 
+# The command-line type of each VGG field (ml_collections parses --config.KEY=VALUE by it;
+# vgg_flax.fields.validate_fields then checks the value). Sequences are tuples, dtypes and
+# precisions their names ("bfloat16", "highest"); cfg and precision take any Python literal.
+_FIELD_TYPES = {"cfg": object, "precision": object, "pool_size": tuple, "taps": tuple,
+                "dtype": str, "param_dtype": str}
+
+
+def model_fields() -> ml_collections.ConfigDict:
+    """A ConfigDict with every field of ``vgg_flax.VGG``, each None (unset), typed."""
+    import dataclasses
+
+    from vgg_flax import VGG
+    out = ml_collections.ConfigDict()
+    for f in dataclasses.fields(VGG):
+        if f.name in ("parent", "name"):
+            continue
+        kind = _FIELD_TYPES.get(f.name) or type(f.default)  # bool, int, float, str
+        out[f.name] = ml_collections.FieldReference(None, field_type=kind)
+    return out
+
+
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "vgg16"                  # any vgg_flax.list_models() name with the "fc" head
-    c.model_overrides = ml_collections.ConfigDict()  # VGG fields (width, hidden_size, ...)
+    # Every field of vgg_flax.VGG (width, hidden_size, conv, param_dtype, ...), None = the
+    # model's default: --config.model_overrides.FIELD=VALUE works on every config.
+    c.model_overrides = model_fields()
     c.compute_dtype = "float32"        # "bfloat16": bf16 activations/matmuls, fp32 parameters
 
     c.dataset = "imagenet2012"         # "digits", "folder" (data_dir=ROOT/<split>/<class>/<image>) or TFDS
@@ -56,6 +79,10 @@ def base() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES, fsdp=False,
                                                 fsdp_min_size=2 ** 16))
+
+    # XLA's compiled programs on disk (train/compile_cache.py): None = $JAX_COMPILATION_CACHE_DIR
+    # if set, else $VGG_FLAX_CACHE/xla if set, else DIR/xla_cache; a directory; "" or "off".
+    c.compile_cache = ml_collections.FieldReference(None, field_type=str)
 
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # vgg_flax.save dir
     # Layers copied from init_from: "" = every parameter whose name and shape match (a changed
