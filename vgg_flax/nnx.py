@@ -7,8 +7,8 @@
 >>> model = vgg_flax.nnx.pretrained("vgg16")              # ImageNet weights
 >>> module, variables = vgg_flax.nnx.to_linen(model)      # and back: to_nnx(module, variables)
 
-The forward pass is ``model.walk`` over ``Plan.layers()`` and each layer's arithmetic a function
-of ``vgg_flax.layers``, exactly as in the Linen module: only where the parameters live differs.
+The forward pass is ``vgg_flax.model.walk`` over ``Plan.layers()`` and each layer's arithmetic a
+function of ``vgg_flax.layers``, as in the Linen module: only where the parameters live differs.
 Layers with parameters or state are attributes named after the paper (``model.conv1_1``,
 ``model.bn1_1``, ``model.fc8``, SSD's ``model.conv4_3_norm``), holding ``kernel``/``bias``
 (``nnx.Param``), BatchNorm's ``scale``/``bias`` and running ``mean``/``var`` (``nnx.BatchStat``),
@@ -167,8 +167,9 @@ class VGG(nnx.Module, Plan):
     (``fields.validate_fields``: one-line ValueError), plus ``in_channels`` (conv1_1's input
     channels, which NNX needs when it creates the kernel). ``rngs`` draws the parameters
     (``params`` stream, else ``default``) and seeds dropout (``dropout`` stream); an int is a
-    seed; None is ``nnx.Rngs(0)``. The output is the Linen module's: logits, the last map
-    (``include_top=False``), or a dict of ``taps``.
+    seed; None is a fresh ``nnx.Rngs(0)`` (a shared default object would advance from call to
+    call). The output is the Linen module's: logits, the last map (``include_top=False``), or a
+    dict of ``taps``.
     """
     variant: str | None = None  # the named classes' arch.VARIANTS key
 
