@@ -142,7 +142,8 @@ def test_state_and_variables_convert_both_ways(tiny):
     # variables that do not fit: one line naming the leaves
     bad = jax.tree.map(lambda a: a, variables)
     bad["params"]["fc8"]["kernel"] = jnp.zeros((32, 7))
-    with pytest.raises(WeightMismatchError, match=r"fc8/kernel is \(32, 7\), expected \(32, 10\)") as err:
+    with pytest.raises(WeightMismatchError,
+                       match=r"fc8/kernel is \(32, 7\), expected \(32, 10\)") as err:
         vn.to_nnx(module, bad)
     assert "\n" not in str(err.value)
 
