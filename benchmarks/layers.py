@@ -46,7 +46,7 @@ def measure(batch: int, dtype: str, size: int, reps: int) -> list[dict]:
     import torch
 
     from vgg_flax import onednn
-    from vgg_flax.model import max_pool_2x2
+    from vgg_flax.layers import max_pool_2x2
 
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")  # noqa: E731

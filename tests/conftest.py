@@ -37,7 +37,7 @@ def pytest_unconfigure(config):
 # alone at the end.
 HEAVIEST_FIRST = ["test_readme", "test_parity", "test_train_cli", "test_train", "test_convert",
                   "test_bench", "test_transforms", "test_export", "test_pretrained",
-                  "test_evaluate", "test_model", "test_lpips", "test_onednn", "test_nan",
+                  "test_evaluate", "test_nnx", "test_model", "test_lpips", "test_onednn", "test_nan",
                   "test_input_pipeline_bench", "test_folder", "test_train_resume",
                   "test_train_pod", "test_jax_internals", "test_device_arrays", "test_convert_signals",
                   "test_no_torch_at_run_time", "test_scripts", "test_classify", "test_preprocess",

@@ -85,4 +85,4 @@ def test_load_converter_and_nnx_give_device_arrays(small, tmp_path):
     assert_on_device(nnx.state(vgg_flax.to_nnx(module, host), (nnx.Param, nnx.BatchStat)),
                      np.float32)
     kept = vgg_flax.to_nnx(module, loaded)
-    assert kept.conv1_1["kernel"].get_value() is loaded["params"]["conv1_1"]["kernel"]
+    assert kept.conv1_1.kernel.get_value() is loaded["params"]["conv1_1"]["kernel"]

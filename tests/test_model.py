@@ -156,7 +156,7 @@ def test_initialisers_are_flax_laws_bit_for_bit():
     the trainer compiles its init with ``init_compiler_options()`` (LLVM -O1 on CPU): the
     values must still be exactly those of the flax laws they stand for, compiled with XLA's
     defaults, in fp32 and bf16."""
-    from vgg_flax.model import conv_init, ssd_conv_init
+    from vgg_flax.layers import conv_init, ssd_conv_init
     laws = [(conv_init, nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
             (ssd_conv_init, nn.initializers.xavier_uniform())]
     shapes = [(3, 3, 5, 7), (1, 1, 6, 4)]  # each draw compiles its own sampler
@@ -195,7 +195,7 @@ def test_bf16_compute_keeps_fp32_params(small):
 
 
 def test_adaptive_pool_matches_torch_on_uneven_bins():
-    from vgg_flax.model import adaptive_avg_pool
+    from vgg_flax.layers import adaptive_avg_pool
     x = torch.randn(2, 5, 13, 10)
     for out in [(7, 7), (3, 5), (13, 10), (1, 1)]:
         ref = nhwc(torch.nn.functional.adaptive_avg_pool2d(x, out))

@@ -5,6 +5,11 @@ Tolerance: max |flax - torch| <= 1e-4 * max |torch| over the logits (fp32, matmu
 pinned to "highest"). Conversions must round-trip bit for bit. Every variant runs on the
 default convolutions (oneDNN here); the taps (whole vgg16_bn, every layer), paper-variant and
 SSD tests also run on XLA's (``conv_impl``), the path GPUs and TPUs take.
+
+Every test of a whole model runs on both front ends (``front``): the Linen module and the native
+NNX one (``vgg_flax.nnx``, holding the same weights through ``to_nnx``), at the same tolerance.
+The NNX layers call the same convolution function as Linen's, so NNX runs on the default
+convolutions only, and at one input size (the extra sizes exercise the shared adaptive pool).
 """
 import functools
 
@@ -13,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import vgg_flax
+import vgg_flax.nnx
 from torch_ref import (TORCHVISION_NAMES, nhwc, paper_vgg, ssd_backbone, ssd_backbone_state_dict,
                        torchvision_vgg)
 
@@ -23,6 +30,37 @@ SIZES = [(224, 224), (256, 256), (224, 320)]  # 256: overlapping 8->7 bins; 320:
 
 
 PARITY_TABLE = []  # (what, max abs diff, relative diff): printed at the end of the run
+
+FRONTS = ["linen", "nnx"]
+# (front end, convolution) for the tests that also run on XLA's convolutions: the NNX layers
+# call the same layers.conv as Linen's, so NNX x XLA would test nothing Linen x XLA does not.
+FRONT_CONV = [("linen", "auto"), ("linen", "xla"), ("nnx", "auto")]
+
+
+def runner(front, module, variables, train=False, jit=True):
+    """``x -> (output, batch_stats after the call or None)`` of Linen ``module`` holding
+    ``variables`` on front end ``front``: Linen's ``apply`` (``mutable`` batch_stats in
+    training), or the native NNX model ``to_nnx`` builds (``model.train()`` in training)."""
+    if front == "linen":
+        if not train:
+            apply = jax.jit(module.apply) if jit else module.apply
+            return lambda x: (apply(variables, x), None)
+        apply = functools.partial(module.apply, train=True, mutable=["batch_stats"])
+        apply = jax.jit(apply) if jit else apply
+
+        def run(x):
+            out, updates = apply(variables, x)
+            return out, updates["batch_stats"]
+        return run
+    model = vgg_flax.nnx.to_nnx(module, variables)
+    if train:
+        model.train()
+    call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+
+    def run(x):
+        out = call(model, x)
+        return out, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) or None
+    return run
 
 
 def assert_close(out, ref, what):
@@ -44,8 +82,9 @@ def assert_bit_exact(sd, back):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
 
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
-def test_torchvision_parity(name):
+def test_torchvision_parity(name, front):
     tm = torchvision_vgg(name)
     sd = tm.state_dict()
     variables = vgg_flax.from_torch(sd, name)
@@ -54,18 +93,18 @@ def test_torchvision_parity(name):
     assert n_params == sum(p.numel() for p in tm.parameters()) == vgg_flax.metadata(name)["num_params"]
 
     model = vgg_flax.create(name)
-    # plain jit, as a user runs it: speed never loosens the tolerance
-    apply = jax.jit(model.apply)
+    # plain jit (nnx.jit for NNX), as a user runs it: speed never loosens the tolerance
+    apply = runner(front, model, variables)
     g = torch.Generator().manual_seed(1)
     # Every variant at 224x224; the other sizes exercise the adaptive pool before fc6 (bins of
     # 8x8 and 7x10 maps), which no variant changes: vgg16 and vgg16_bn cover them (CI's time).
-    sizes = SIZES if name in ("vgg16", "vgg16_bn") else SIZES[:1]
+    sizes = SIZES if name in ("vgg16", "vgg16_bn") and front == "linen" else SIZES[:1]
     with jax.default_matmul_precision("highest"):
         for h, w in sizes:
             x = torch.randn(2, 3, h, w, generator=g)
             with torch.no_grad():
                 ref = tm(x).numpy()
-            assert_close(apply(variables, nhwc(x)), ref, f"{name} {h}x{w}")
+            assert_close(apply(nhwc(x))[0], ref, f"{front} {name} {h}x{w}")
 
         if "_bn" in name:
             # One training-mode forward: batch statistics and torch's running-stat update
@@ -80,11 +119,11 @@ def test_torchvision_parity(name):
             finally:
                 tm.load_state_dict(saved)
                 tm.eval()
-            feats, updates = jax.jit(functools.partial(  # one program, not one per op
-                model.clone(taps=("pool5",)).apply, train=True, mutable=["batch_stats"]))(
-                variables, nhwc(x))
-            assert_close(feats["pool5"], nhwc(feats_ref), f"{name} train-mode features")
-            stats = vgg_flax.to_torch({**variables, **updates}, name)
+            # jitted: one program, not one per op
+            feats, updates = runner(front, model.clone(taps=("pool5",)), variables,
+                                    train=True)(nhwc(x))
+            assert_close(feats["pool5"], nhwc(feats_ref), f"{front} {name} train-mode features")
+            stats = vgg_flax.to_torch({**variables, "batch_stats": updates}, name)
             moved = 0
             for k in running:
                 if "running" in k:
@@ -94,7 +133,8 @@ def test_torchvision_parity(name):
             assert moved > 0, "the training forward did not update the running statistics"
 
 
-def test_taps_equal_torchvision_intermediates(conv_impl):
+@pytest.mark.parametrize("front,conv_impl", FRONT_CONV)
+def test_taps_equal_torchvision_intermediates(front, conv_impl):
     name = "vgg16_bn"
     tm = torchvision_vgg(name)
     variables = vgg_flax.from_torch(tm.state_dict(), name)
@@ -116,17 +156,20 @@ def test_taps_equal_torchvision_intermediates(conv_impl):
             ref[layer_name] = h.numpy().copy()
     assert "drop6" not in names and set(names) <= set(ref)
     with jax.default_matmul_precision("highest"):
-        out = model.clone(taps=tuple(names)).apply(variables, nhwc(x))  # eager: dict order kept
+        # eager: dict order kept
+        out, _ = runner(front, model.clone(taps=tuple(names)), variables, jit=False)(nhwc(x))
     assert list(out) == names
     for n in names:
-        assert_close(out[n], ref[n], f"{conv_impl} tap {n}")
+        assert_close(out[n], ref[n], f"{front} {conv_impl} tap {n}")
     # logits without taps are the last tap
     with jax.default_matmul_precision("highest"):
-        assert_close(model.apply(variables, nhwc(x)), ref["fc8"], f"{conv_impl} {name} logits")
+        assert_close(runner(front, model, variables, jit=False)(nhwc(x))[0], ref["fc8"],
+                     f"{front} {conv_impl} {name} logits")
 
 
+@pytest.mark.parametrize("front,conv_impl", FRONT_CONV)
 @pytest.mark.parametrize("name,cfg", [("vgg11_lrn", "A-LRN"), ("vgg16_c", "C")])
-def test_paper_variants(name, cfg, conv_impl):
+def test_paper_variants(name, cfg, front, conv_impl):
     tm = paper_vgg(cfg)
     sd = tm.state_dict()
     variables = vgg_flax.from_torch(sd, name)
@@ -136,13 +179,13 @@ def test_paper_variants(name, cfg, conv_impl):
     with torch.no_grad():
         ref = tm(x).numpy()
     with jax.default_matmul_precision("highest"):
-        assert_close(jax.jit(vgg_flax.create(name, conv=conv_impl).apply)(variables, nhwc(x)),
-                     ref, f"{conv_impl} {name}")
+        assert_close(runner(front, vgg_flax.create(name, conv=conv_impl), variables)(nhwc(x))[0],
+                     ref, f"{front} {conv_impl} {name}")
 
 
 def test_lrn_is_krizhevskys_formula():
     """torch's LocalResponseNorm with our parameters is b = a / (2 + 1e-4 sum_{5} a^2)^0.75."""
-    from vgg_flax.model import local_response_norm
+    from vgg_flax.layers import local_response_norm
     a = np.random.default_rng(0).normal(size=(1, 4, 4, 9)).astype(np.float32) * 30
     padded = np.pad(a.astype(np.float64) ** 2, ((0, 0), (0, 0), (0, 0), (2, 2)))
     window = sum(padded[..., i:i + 9] for i in range(5))
@@ -153,7 +196,8 @@ def test_lrn_is_krizhevskys_formula():
     np.testing.assert_allclose(local_response_norm(jnp.asarray(a)), expected, rtol=1e-5)
 
 
-def test_ssd_backbone_against_torchvision_ssd(conv_impl):
+@pytest.mark.parametrize("front,conv_impl", FRONT_CONV)
+def test_ssd_backbone_against_torchvision_ssd(front, conv_impl):
     tm = ssd_backbone()
     sd = ssd_backbone_state_dict(tm)
     variables = vgg_flax.from_torch(sd, "vgg16_ssd")
@@ -165,12 +209,13 @@ def test_ssd_backbone_against_torchvision_ssd(conv_impl):
         relu4_3 = tm.features(x)
     model = vgg_flax.create("vgg16_ssd", taps=("relu4_3", "conv4_3_norm", "relu7"), conv=conv_impl)
     with jax.default_matmul_precision("highest"):
-        out = jax.jit(model.apply)(variables, nhwc(x))
+        out, _ = runner(front, model, variables)(nhwc(x))
     assert out["conv4_3_norm"].shape == (1, 38, 38, 512)  # ceil-mode pool3: 75 -> 38
     assert out["relu7"].shape == (1, 19, 19, 1024)
-    assert_close(out["relu4_3"], nhwc(relu4_3), f"{conv_impl} ssd relu4_3 (before L2Norm)")
-    assert_close(out["conv4_3_norm"], nhwc(ref["0"]), f"{conv_impl} ssd conv4_3 L2Norm")
-    assert_close(out["relu7"], nhwc(ref["1"]), f"{conv_impl} ssd relu7")
+    what = f"{front} {conv_impl} ssd"
+    assert_close(out["relu4_3"], nhwc(relu4_3), f"{what} relu4_3 (before L2Norm)")
+    assert_close(out["conv4_3_norm"], nhwc(ref["0"]), f"{what} conv4_3 L2Norm")
+    assert_close(out["relu7"], nhwc(ref["1"]), f"{what} relu7")
 
 
 def _valid_taps_1d(n, k, p, d):
@@ -231,7 +276,7 @@ def test_max_pool_forward_and_gradient_equal_torch(ceil_mode, dtype):
     Small integers after a ReLU make most windows tie (all zeros, or repeated values): torch
     sends the gradient to the first maximum in row-major window order, and so must we.
     """
-    from vgg_flax.model import max_pool_2x2
+    from vgg_flax.layers import max_pool_2x2
     g = torch.Generator().manual_seed(0)
     tdtype = torch.float32 if dtype == jnp.float32 else torch.bfloat16
     for h, w in [(8, 8), (7, 9), (5, 6), (1, 3)]:
@@ -247,7 +292,8 @@ def test_max_pool_forward_and_gradient_equal_torch(ceil_mode, dtype):
         np.testing.assert_array_equal(np.asarray(dx, np.float32), nhwc(x.grad.float()))
 
 
-def test_training_gradients_equal_torchvision(conv_impl):
+@pytest.mark.parametrize("front,conv_impl", FRONT_CONV)
+def test_training_gradients_equal_torchvision(front, conv_impl):
     """d(loss)/d(every parameter) of a training-mode step equals torchvision's autograd.
 
     vgg11_bn in train mode (batch statistics), dropout off so both sides compute the same
@@ -281,16 +327,24 @@ def test_training_gradients_equal_torchvision(conv_impl):
                                for k, p in {**dict(tm.named_buffers()),
                                             **dict(tm.named_parameters())}.items()}, name)
 
+    xs, ws = jnp.asarray(nhwc(x)), jnp.asarray(wts.numpy())
+
     def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, jnp.asarray(nhwc(x)),
+        logits, _ = model.apply({**variables, "params": params}, xs,
                                 train=True, mutable=["batch_stats"])
-        return (logits * jnp.asarray(wts.numpy())).sum()
+        return (logits * ws).sum()
 
     with jax.default_matmul_precision("highest"):
-        grads = jax.jit(jax.grad(loss))(variables["params"])
+        if front == "linen":
+            grads = jax.jit(jax.grad(loss))(variables["params"])
+        else:
+            m = vgg_flax.nnx.to_nnx(model, variables)
+            m.train()
+            grads = nnx.to_pure_dict(nnx.jit(nnx.grad(lambda m: (m(xs) * ws).sum()))(m))
+    assert set(grads) == set(variables["params"])
     for layer, got in grads.items():
         for leaf, g_ in got.items():
-            what = f"{conv_impl} {name} grad {layer}.{leaf}"
+            what = f"{front} {conv_impl} {name} grad {layer}.{leaf}"
             if layer.startswith("conv") and leaf == "bias":
                 # A bias followed by training-mode BN is cancelled by the mean subtraction:
                 # its true gradient is 0, and both sides return rounding noise around it.

@@ -157,6 +157,20 @@ def test_num_classes_reinitialises_the_head_with_a_warning(converted):
     assert "fc6" not in v["params"] and module.taps == ("relu5_2",)
 
 
+def test_nnx_pretrained_holds_the_same_weights(converted):
+    """vgg_flax.nnx.pretrained: the native NNX model holding the cached weights as they are
+    (device arrays, no copy of the 530 MB), its fields passed on; no forward pass needed (the
+    NNX forward's parity is test_parity.py's)."""
+    import vgg_flax.nnx as vn
+    from flax import nnx
+    cache, _, variables = converted
+    model = vn.pretrained("vgg11", cache_dir=cache, taps=("relu5_2",))
+    assert isinstance(model, vn.VGG) and model.taps == ("relu5_2",) and model.in_channels == 3
+    _, got = vn.to_linen(model)
+    jax.tree.map(np.testing.assert_array_equal, got, variables)
+    assert_on_device(nnx.state(model, nnx.Param))
+
+
 def test_shape_changing_fields_are_refused(converted):
     with pytest.raises(vgg_flax.WeightMismatchError, match="may change only num_classes") as e:
         vgg_flax.pretrained("vgg11", cache_dir=converted[0], width=0.5)

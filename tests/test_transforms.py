@@ -252,7 +252,7 @@ def test_pool_gradient_behind_a_fused_relu_equals_torch(impl):
     Ties: half the ReLU outputs are 0, so many windows are all zero.
     """
     import torch
-    from vgg_flax.model import max_pool_2x2
+    from vgg_flax.layers import max_pool_2x2
     rng = np.random.default_rng(4)
     x, r = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in [(2, 16, 16, 3), (2, 8, 8, 64)])
     w = jnp.asarray(rng.standard_normal((3, 3, 3, 64), np.float32) * 0.3)
