@@ -374,7 +374,7 @@ RECIPES: dict[str, Recipe] = {
 
     # -- The library -------------------------------------------------------------------------
     "```python import jax, jax.numpy as jnp, vgg_flax": Recipe(
-        "as written (full-size VGG16 init at 224); the preamble makes `images` (two 32x32), "
+        "as written (full-size VGG16 init at 224, jitted); the preamble makes `images` (two 32x32), "
         "`key`, and `variables_bn` (VGG16_BN's shapes, no init run)", preamble="""
 import jax, jax.numpy as jnp, numpy as np, vgg_flax
 images = jnp.asarray(np.random.default_rng(0).uniform(-2, 2, (2, 32, 32, 3)), jnp.float32)
@@ -448,6 +448,18 @@ print("pretrained block: OK")
         "as written, on a 40x48 my.jpg: the folder's class names", given=("my.jpg",),
         check=top_classes(2, {"cats", "dogs"})),
 
+    # -- Fine-tuning in NNX -------------------------------------------------------------------
+    "```python import jax, optax, vgg_flax, vgg_flax.nnx": Recipe(
+        "as written: three steps, then the Linen round trip through save/load in the stand-in "
+        "root; the postamble checks the losses printed and that the loaded model holds the "
+        "trained weights", postamble="""
+import numpy as np
+assert isinstance(model, vgg_flax.nnx.VGG)
+np.testing.assert_array_equal(np.asarray(model.fc8.kernel.get_value()),
+                              np.asarray(variables["params"]["fc8"]["kernel"]))
+print("nnx block: OK")
+""", expect=(r"(?m)^0 \d+\.\d+", r"(?m)^2 \d+\.\d+", "nnx block: OK")),
+
     # -- Evaluation --------------------------------------------------------------------------
     "python -m vgg_flax.classify photo.jpg --weights out/vgg16": Recipe(
         "as written (out/vgg16 at 1/8 width, a 40x48 photo.jpg): five ImageNet categories",
@@ -465,7 +477,7 @@ print("pretrained block: OK")
     "python -m vgg_flax.export out/vgg16 --out vgg16.onnx": Recipe(
         "as written, out/vgg16 at 1/8 width", given=("out/vgg16",),
         expect=(r": OK", r"-> vgg16\.onnx \(onnx, input batchx224x224x3")),
-    "```python import jax, numpy as np": Recipe(
+    "```python import jax, numpy as np, onnxruntime as ort": Recipe(
         "as written, on the two files the bash block above wrote", after_previous=True,
         postamble="""
 assert logits.shape == (2, 1000) and np.isfinite(logits).all()
@@ -476,11 +488,10 @@ print("deploy block: OK")
     # -- Perceptual losses -------------------------------------------------------------------
     "```python from vgg_flax import lpips, losses": Recipe(
         "as written (the vgg16 trunk from vgg_flax's cache); the preamble makes `x`, `y` (two "
-        "32x32 float pairs in [-1, 1]) and `a`, `b` (uint8)", given=("cache: vgg16",),
+        "32x32 float pairs in [-1, 1])", given=("cache: vgg16",),
         preamble="""
 import numpy as np
 x, y = (np.random.default_rng(s).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32) for s in (0, 1))
-a, b = (np.random.default_rng(s).integers(0, 256, (2, 32, 32, 3), np.uint8) for s in (2, 3))
 """, postamble="""
 assert d.shape == (2,) and maps.shape == (2, 32, 32) and bool((d > 0).all())
 print("lpips block: OK")

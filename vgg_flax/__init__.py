@@ -20,7 +20,7 @@ from vgg_flax import perf as _perf
 HOST_MALLOC = _perf.tune_host_malloc()
 
 from vgg_flax.arch import CFGS, VARIANTS  # noqa: E402
-from vgg_flax import losses, lpips
+from vgg_flax import losses, lpips, nnx
 from vgg_flax.checkpoint import load, save
 from vgg_flax.errors import (CheckpointError, ConversionError, WeightFileError,
                              WeightMismatchError, WeightsError, WeightsUnavailableError)
@@ -38,6 +38,6 @@ __all__ = [
     "VGG11_BN", "VGG11_LRN", "VGG13", "VGG13_BN", "VGG16", "VGG16_BN", "VGG16_C", "VGG16_SSD",
     "VGG19", "VGG19_BN", "WeightFileError", "WeightMismatchError", "WeightsError",
     "WeightsUnavailableError", "create", "from_torch", "identify", "imagenet_categories",
-    "list_models", "load", "losses", "lpips", "metadata", "preprocess", "pretrained", "save",
+    "list_models", "load", "losses", "lpips", "metadata", "nnx", "preprocess", "pretrained", "save",
     "to_nnx", "to_torch",
 ]

@@ -385,6 +385,6 @@ def to_nnx(module: linen.VGG, variables: Mapping[str, Any], seed: int = 0) -> VG
 def pretrained(name: str, weights: str | None = None, **kwargs: Any) -> VGG:
     """``vgg_flax.pretrained(name, weights, **kwargs)`` (published ImageNet weights; the same
     fields, ``cache_dir``, ``progress`` and ``seed``) as a native NNX model."""
-    from vgg_flax.pretrained import pretrained as linen_pretrained  # network and torch I/O
+    from vgg_flax.published import pretrained as linen_pretrained  # network and torch I/O
     module, variables = linen_pretrained(name, weights, **kwargs)
     return to_nnx(module, variables, seed=kwargs.get("seed", 0))
