@@ -203,7 +203,7 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
     import optax
 
     import vgg_flax
-    from vgg_flax import model as model_lib
+    from vgg_flax import layers as layers_lib, model as model_lib
 
     jdtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     model = vgg_flax.create(name, num_classes=num_classes, dtype=jdtype, width=width)
@@ -222,16 +222,16 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
         _VARIABLES[key] = vgg_flax.from_torch(master.state_dict(), model)
     variables = _VARIABLES[key]
     # label -> (module, 2x2 pool): the user's row, then one lever off per row
-    settings = {USER: (model, model_lib.max_pool_2x2)}
+    settings = {USER: (model, layers_lib.max_pool_2x2)}
     if levers:
         settings["lever off: XLA's convolutions (conv='xla')"] = (
-            model.clone(conv="xla"), model_lib.max_pool_2x2)
+            model.clone(conv="xla"), layers_lib.max_pool_2x2)
         settings["lever off: 2x2 pool as nn.max_pool"] = (model, _reduce_window_pool)
 
     out = []
     for label, (model, pool) in settings.items():
-        # the pool is looked up when the step is traced (below, before the first call)
-        model_lib.max_pool_2x2, own_pool = pool, model_lib.max_pool_2x2
+        # layers.stateless looks the pool up when the step is traced (below, before the first call)
+        layers_lib.max_pool_2x2, own_pool = pool, layers_lib.max_pool_2x2
         if mode == "infer":
             fn = jax.jit(model.apply)
             args = (variables, x)
@@ -271,7 +271,7 @@ def flax_candidates(name, mode, dtype, batch, size, num_classes, levers,
             mem = compiled.memory_analysis()
             step()
         finally:
-            model_lib.max_pool_2x2 = own_pool
+            layers_lib.max_pool_2x2 = own_pool
         c = Candidate("vgg_flax", label, step, first_call_s=time.perf_counter() - t0)
         if mem is not None:
             c.xla_mb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes

@@ -74,6 +74,9 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:  # the user insists: stop, no checkpoint
+            # The progress bar (stderr) may be mid-line, redrawn with "\r" since the first
+            # Ctrl-C: the line that says what happened starts on a line of its own.
+            os.write(2, b"\n")
             previous = self._previous.get(signal.SIGINT)
             if callable(previous):
                 previous(signum, frame)
