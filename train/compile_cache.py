@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 from jax.experimental.compilation_cache import compilation_cache as _cc
 
-from train.validation import ConfigError
+from train.validation import ConfigError, check_writable_dir
 
 OFF = ("", "off")
 MAX_BYTES = 1 << 30  # a VGG-16 training step is ~130 KB on XLA:CPU: room for thousands
@@ -46,13 +46,11 @@ def resolve(config, workdir: Path) -> Path | None:
     else:
         path = Path(value).expanduser()
     path = path.absolute()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"compile_cache {path} is a file, not a directory; pass a directory "
-                          "with --config.compile_cache=DIR, or --config.compile_cache=off")
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"compile_cache {path}: {existing} is not writable; pass another "
-                          "--config.compile_cache=DIR, or --config.compile_cache=off")
+    check_writable_dir(path, "compile_cache",
+                       file_fix="pass a directory with --config.compile_cache=DIR, or "
+                                "--config.compile_cache=off",
+                       unwritable_fix="pass another --config.compile_cache=DIR, or "
+                                      "--config.compile_cache=off")
     return path
 
 

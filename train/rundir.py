@@ -27,7 +27,7 @@ import vgg_flax
 from train import input_pipeline, sharding
 from train.checkpoints import checkpoint_manager, restore_latest, restore_step
 from train.state import Setup
-from train.validation import ConfigError, check_model
+from train.validation import ConfigError, check_model, check_writable_dir
 
 log = logging.getLogger("vgg_flax.train")
 
@@ -67,13 +67,8 @@ def has_checkpoints(workdir: Path) -> bool:
 
 def check_workdir(workdir: Path) -> None:
     """--workdir must be a directory (or not exist yet) that we can write in."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory "
-                          "(it is created if missing)")
-    existing = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir {workdir}: {existing} is not writable; pass another "
-                          "--workdir")
+    check_writable_dir(workdir, "--workdir", file_fix="pass a directory (it is created if missing)",
+                       unwritable_fix="pass another --workdir")
 
 
 class WorkdirBusy(ConfigError):

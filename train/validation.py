@@ -25,6 +25,16 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line naming the problem and the fix."""
 
 
+def check_writable_dir(path: Path, what: str, *, file_fix: str, unwritable_fix: str) -> None:
+    """``path`` is a directory we can write in, or can be created as one: else one line saying
+    which (a file in its place, or the nearest existing parent not writable) and the fix."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a directory; {file_fix}")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {existing} is not writable; {unwritable_fix}")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradients, or the parameters) stopped being finite."""
 
