@@ -33,12 +33,12 @@ def _find_spec(name: str):
 
 
 def accelerator_plugins() -> list[str]:
-    """The accelerator backends JAX would find when it starts, found as it finds them
-    (``jax._src.xla_bridge``): modules of the ``jax_plugins`` namespace package (CUDA's and
-    ROCm's plugins install ``jax_plugins.xla_cuda12`` and the like), plugins named in
-    ``PJRT_NAMES_AND_LIBRARY_PATHS``, TPUs' ``libtpu`` (or ``TPU_LIBRARY_PATH``), and
-    ``jax_plugins`` entry points (read last: scanning every installed distribution takes ~70 ms).
-    Nothing is imported or started."""
+    """The accelerator backends JAX would find when it starts, found as JAX's backend discovery
+    (its xla_bridge module) finds them, with public APIs only: modules of the ``jax_plugins``
+    namespace package (CUDA's and ROCm's plugins install ``jax_plugins.xla_cuda12`` and the
+    like), plugins named in ``PJRT_NAMES_AND_LIBRARY_PATHS``, TPUs' ``libtpu`` (or
+    ``TPU_LIBRARY_PATH``), and ``jax_plugins`` entry points (read last: scanning every
+    installed distribution takes ~70 ms). Nothing is imported or started."""
     found = []
     spec = _find_spec("jax_plugins")
     if spec is not None and spec.submodule_search_locations:
