@@ -394,6 +394,7 @@ def main(argv=None) -> int:
                    jax=jax.__version__, backend=jax.default_backend(), device=args.device,
                    torch=None if args.no_torch else __import__("torch").__version__,
                    onednn=onednn.version() or onednn.why_unavailable(),
+                   onednn_backward_layout=onednn.backward_layout(),
                    env={k: v for k, v in os.environ.items()
                         if k.startswith(("XLA_", "VGG_FLAX_", "MALLOC_", "OMP_"))})
     print("machine:", json.dumps(machine), flush=True)

@@ -3,6 +3,7 @@
 Whole-model agreement with torchvision (forward and training gradients, through these
 convolutions) is in test_parity.py; here each geometry VGG uses, the fallbacks, and sharding.
 """
+import os
 import platform
 import subprocess
 import sys
@@ -53,7 +54,50 @@ GEOMETRIES = [
 def test_forward_and_gradients_equal_lax(geometry, dtype, bias):
     """float32: within 1e-5 of the largest value of an f32 lax convolution at highest precision
     (a few ulps of accumulation order); bf16: within bf16's rounding (2^-8) of the f32 result of
-    the same bf16 values, for y, dx, dw (and with the bias folded in, db)."""
+    the same bf16 values, for y, dx, dw (and with the bias folded in, db). The backward passes
+    run in this CPU's default layout (onednn.backward_layout); the next test runs the other."""
+    _forward_and_gradients_equal_lax(geometry, dtype, bias)
+
+
+def test_the_other_backward_layout_equals_lax():
+    """The backward activation layout this CPU does not use by default (blocked on CPUs with
+    AVX-512, NHWC without), for every geometry, float32 (and bf16 where oneDNN runs it), with and
+    without the bias: the same tolerances."""
+    if not onednn.available():  # no extension, no layouts (test_built_and_loaded_... says where)
+        assert onednn.backward_layout() is None
+        return
+    other = [name for name in onednn.LAYOUTS if name != onednn.backward_layout()][0]
+    with onednn._backward_layout(other):
+        assert onednn.backward_layout() == other
+        for geometry in GEOMETRIES:
+            for dtype in ["float32", "bfloat16"] if onednn.cpu_supports("bfloat16") else ["float32"]:
+                for bias in (False, True):
+                    _forward_and_gradients_equal_lax(geometry, dtype, bias)
+    assert onednn.backward_layout() != other
+
+
+def test_layout_environment_variable():
+    """VGG_FLAX_ONEDNN_LAYOUT sets the backward layout for a process (the value this CPU does
+    not default to, so that it shows); a value it does not know gets one warning line naming it,
+    and the CPU's default."""
+    default = onednn.backward_layout()
+    if default is None:  # no extension: nothing reads the variable
+        return
+    other = [name for name in onednn.LAYOUTS if name != default][0]
+    script = ("import warnings; warnings.simplefilter('always'); from vgg_flax import onednn; "
+              "print(onednn.backward_layout())")
+    procs = {value: subprocess.Popen([sys.executable, "-c", script], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, "VGG_FLAX_ONEDNN_LAYOUT": value})
+             for value in (other, "NCHW")}
+    out = {value: p.communicate(timeout=120) for value, p in procs.items()}
+    assert out[other] == (other + "\n", ""), out[other]
+    assert out["NCHW"][0] == default + "\n"
+    warning = [line for line in out["NCHW"][1].splitlines() if "VGG_FLAX_ONEDNN_LAYOUT" in line]
+    assert len(warning) == 1 and "'NCHW' is not one of ('nhwc', 'blocked')" in warning[0], out
+
+
+def _forward_and_gradients_equal_lax(geometry, dtype, bias):
     xs, ws, strides, padding, dil = geometry
     rng = np.random.default_rng(0)  # numpy: eager jax.random compiles a sampler per shape
     x = jnp.asarray(rng.standard_normal(xs, np.float32)).astype(dtype)

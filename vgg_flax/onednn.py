@@ -29,10 +29,12 @@ their own dtypes.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.metadata
 import importlib.util
+import os
 import types
 import warnings
 from typing import Any, Sequence
@@ -86,6 +88,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, AttributeError, ValueError) as e:
         return None, f"vgg_flax's oneDNN extension did not load: {e}"
     lib.VggFlaxOnednnVersion.restype = ctypes.c_char_p
+    layout = os.environ.get("VGG_FLAX_ONEDNN_LAYOUT")
+    if layout is not None and layout not in LAYOUTS:
+        warnings.warn(f"vgg_flax: VGG_FLAX_ONEDNN_LAYOUT={layout!r} is not one of {LAYOUTS}; "
+                      "using this CPU's default (unset it, or set nhwc or blocked)", stacklevel=2)
     return lib, ""
 
 
@@ -111,6 +117,32 @@ def version() -> str | None:
     """The oneDNN version the extension runs, e.g. "3.2.0"; None when not available."""
     lib = _load()[0]
     return lib.VggFlaxOnednnVersion().decode() if lib is not None else None
+
+
+LAYOUTS = ("nhwc", "blocked")
+
+
+def backward_layout() -> str | None:
+    """The activations' layout inside the backward convolutions: "nhwc" (as XLA passes them) or
+    "blocked" (reordered into oneDNN's blocked layout, and dx back). "blocked" by default on CPUs
+    without AVX-512, whose NHWC backward kernels are oneDNN's slow ones; ``VGG_FLAX_ONEDNN_LAYOUT
+    =nhwc|blocked`` overrides it for the process. Forward convolutions are NHWC either way.
+    None when the extension is not available."""
+    lib = _load()[0]
+    return LAYOUTS[lib.VggFlaxOnednnBackwardLayout()] if lib is not None else None
+
+
+@contextlib.contextmanager
+def _backward_layout(layout: str):
+    """Within the block, every backward convolution runs in ``layout`` (for the tests of both:
+    it is read per call, so compiled programs follow it)."""
+    lib = _load()[0]
+    before = lib.VggFlaxOnednnBackwardLayout()
+    lib.VggFlaxOnednnSetBackwardLayout(LAYOUTS.index(layout))
+    try:
+        yield
+    finally:
+        lib.VggFlaxOnednnSetBackwardLayout(before)
 
 
 # ---- geometry --------------------------------------------------------------------------------
