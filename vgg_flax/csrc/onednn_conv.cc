@@ -266,8 +266,8 @@ bool PartialSumsFinite(const Geometry& g, const ffi::AnyBuffer& x, const ffi::An
 // The activations' layout in the backward passes. oneDNN's NHWC backward kernels are its
 // slower ones on CPUs without AVX-512: there the backward calls reorder dy (and x) into the
 // layout oneDNN picks for the shape (nChw8c on AVX2) and dx back, as torch's NCHW path does.
-// Measured on an AVX2-only EPYC, VGG-16 batch 8 fp32: the training step's convolutions 22-26%
-// faster, the step 1.14 -> 1.57 images/s (docs/performance.md). The forward stays NHWC: blocked,
+// Measured on an AVX2-only EPYC, VGG-16 batch 8 fp32: the training step's convolutions take
+// 21-26% less time, the step 1.14 -> 1.57 images/s (docs/performance.md). The forward stays NHWC: blocked,
 // its reorders cost more than they save (the same measurement). With AVX-512, NHWC runs at
 // parity with torch (measured there) and stays. VGG_FLAX_ONEDNN_LAYOUT=nhwc|blocked overrides
 // (read once); vgg_flax.onednn.backward_layout() reports.
