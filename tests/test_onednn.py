@@ -3,6 +3,7 @@
 Whole-model agreement with torchvision (forward and training gradients, through these
 convolutions) is in test_parity.py; here each geometry VGG uses, the fallbacks, and sharding.
 """
+import contextlib
 import os
 import platform
 import subprocess
@@ -59,6 +60,19 @@ def test_forward_and_gradients_equal_lax(geometry, dtype, bias):
     _forward_and_gradients_equal_lax(geometry, dtype, bias)
 
 
+@contextlib.contextmanager
+def backward_layout(layout: str):
+    """Within the block, every backward convolution runs in ``layout``: the extension reads it
+    per call (VggFlaxOnednnSetBackwardLayout), so compiled programs follow it."""
+    lib = onednn._load()[0]
+    before = lib.VggFlaxOnednnBackwardLayout()
+    lib.VggFlaxOnednnSetBackwardLayout(onednn.LAYOUTS.index(layout))
+    try:
+        yield
+    finally:
+        lib.VggFlaxOnednnSetBackwardLayout(before)
+
+
 def test_the_other_backward_layout_equals_lax():
     """The backward activation layout this CPU does not use by default (blocked on CPUs with
     AVX-512, NHWC without), for every geometry, float32 (and bf16 where oneDNN runs it), with and
@@ -67,7 +81,7 @@ def test_the_other_backward_layout_equals_lax():
         assert onednn.backward_layout() is None
         return
     other = [name for name in onednn.LAYOUTS if name != onednn.backward_layout()][0]
-    with onednn._backward_layout(other):
+    with backward_layout(other):
         assert onednn.backward_layout() == other
         for geometry in GEOMETRIES:
             for dtype in ["float32", "bfloat16"] if onednn.cpu_supports("bfloat16") else ["float32"]:

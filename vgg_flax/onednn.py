@@ -29,7 +29,6 @@ their own dtypes.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import importlib.metadata
@@ -124,25 +123,11 @@ LAYOUTS = ("nhwc", "blocked")
 
 def backward_layout() -> str | None:
     """The activations' layout inside the backward convolutions: "nhwc" (as XLA passes them) or
-    "blocked" (reordered into oneDNN's blocked layout, and dx back). "blocked" by default on CPUs
-    without AVX-512, whose NHWC backward kernels are oneDNN's slow ones; ``VGG_FLAX_ONEDNN_LAYOUT
-    =nhwc|blocked`` overrides it for the process. Forward convolutions are NHWC either way.
-    None when the extension is not available."""
+    "blocked" (oneDNN's, reordered inside the call): the default on CPUs without AVX-512, whose
+    NHWC backward kernels are oneDNN's slow ones. ``VGG_FLAX_ONEDNN_LAYOUT=nhwc|blocked``
+    overrides it for the process. The forward is NHWC either way. None without the extension."""
     lib = _load()[0]
     return LAYOUTS[lib.VggFlaxOnednnBackwardLayout()] if lib is not None else None
-
-
-@contextlib.contextmanager
-def _backward_layout(layout: str):
-    """Within the block, every backward convolution runs in ``layout`` (for the tests of both:
-    it is read per call, so compiled programs follow it)."""
-    lib = _load()[0]
-    before = lib.VggFlaxOnednnBackwardLayout()
-    lib.VggFlaxOnednnSetBackwardLayout(LAYOUTS.index(layout))
-    try:
-        yield
-    finally:
-        lib.VggFlaxOnednnSetBackwardLayout(before)
 
 
 # ---- geometry --------------------------------------------------------------------------------
