@@ -20,13 +20,12 @@ from vgg_flax import perf as _perf
 HOST_MALLOC = _perf.tune_host_malloc()
 
 from vgg_flax.arch import CFGS, VARIANTS  # noqa: E402
-from vgg_flax import losses, lpips, nnx
+from vgg_flax import losses, lpips
 from vgg_flax.checkpoint import load, save
 from vgg_flax.errors import (CheckpointError, ConversionError, WeightFileError,
                              WeightMismatchError, WeightsError, WeightsUnavailableError)
 from vgg_flax.images import preprocess
 from vgg_flax.model import VGG
-from vgg_flax.nnx import to_nnx
 from vgg_flax.published import pretrained
 from vgg_flax.registry import (VGG11, VGG11_BN, VGG11_LRN, VGG13, VGG13_BN, VGG16, VGG16_BN,
                                VGG16_C, VGG16_SSD, VGG19, VGG19_BN, create, imagenet_categories,
@@ -41,3 +40,19 @@ __all__ = [
     "list_models", "load", "losses", "lpips", "metadata", "nnx", "preprocess", "pretrained", "save",
     "to_nnx", "to_torch",
 ]
+
+# The NNX front end loads on first use (``vgg_flax.nnx``, ``vgg_flax.to_nnx``): flax.nnx's import
+# (~0.3 s on 2 cores) is not paid by the processes that never use it (the CLIs, the trainer).
+_LAZY = {"nnx": None, "to_nnx": "to_nnx"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vgg_flax' has no attribute {name!r}")
+    import importlib
+    module = importlib.import_module("vgg_flax.nnx")
+    return module if _LAZY[name] is None else getattr(module, _LAZY[name])
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
