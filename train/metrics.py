@@ -60,12 +60,13 @@ def plot_metrics(workdir: Path) -> Path | None:
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: nothing global changes (an in-process caller's pyplot
+    # backend and open figures stay as they were), and pyplot's import is not paid.
+    from matplotlib.figure import Figure
     rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     series = lambda key: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig = Figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(*series("loss"), label="train")
     axes[0].plot(*series("eval_loss"), "o-", label="eval")
     axes[0].set(title="loss", xlabel="step", yscale="log")
@@ -79,6 +80,5 @@ def plot_metrics(workdir: Path) -> Path | None:
     fig.tight_layout()
     out, tmp = workdir / "curves.png", workdir / ".curves.tmp.png"
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, out)
     return out
