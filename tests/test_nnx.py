@@ -225,3 +225,35 @@ def test_init_follows_linens_laws():
 def test_fields_table_is_linens():
     assert set(vn.FIELD_DEFAULTS) == {f.name for f in dataclasses.fields(vgg_flax.VGG)} - {
         "parent", "name"}
+
+
+_FIRST_USE = """
+import sys
+import vgg_flax
+assert "flax.nnx" not in sys.modules and "vgg_flax.nnx" not in sys.modules, "loaded at import"
+assert {"nnx", "to_nnx"} <= set(dir(vgg_flax))
+to_nnx = vgg_flax.to_nnx
+from vgg_flax import nnx
+import vgg_flax.nnx as vn
+assert to_nnx is nnx.to_nnx and nnx is vn is vgg_flax.nnx is sys.modules["vgg_flax.nnx"]
+try:
+    vgg_flax.no_such_name
+except AttributeError as e:
+    assert "no_such_name" in str(e)
+else:
+    raise AssertionError("vgg_flax.no_such_name did not raise AttributeError")
+print("FIRST USE OK")
+"""
+
+
+def test_nnx_front_end_loads_on_first_use():
+    """``import vgg_flax`` does not import flax.nnx (~0.3 s that the CLIs and the trainer never
+    need); ``vgg_flax.nnx``, ``vgg_flax.to_nnx`` and both import forms give the one module."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", _FIRST_USE], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert p.returncode == 0 and "FIRST USE OK" in p.stdout, p.stderr[-2000:]
