@@ -51,7 +51,9 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'vgg_flax' has no attribute {name!r}")
     import importlib
     module = importlib.import_module("vgg_flax.nnx")
-    return module if _LAZY[name] is None else getattr(module, _LAZY[name])
+    value = module if _LAZY[name] is None else getattr(module, _LAZY[name])
+    globals()[name] = value  # found directly from now on
+    return value
 
 
 def __dir__() -> list[str]:
