@@ -239,3 +239,29 @@ def test_training_decode_applies_exif_orientation(tmp_path, photos):
     plain = decode(str(tmp_path / "plain.jpg"))
     with Image.open(tmp_path / "plain.jpg") as ref:
         assert plain.size == (90, 50) and np.array_equal(np.asarray(plain), np.asarray(ref))
+
+
+def test_digits_are_scikit_learns_in_its_split(monkeypatch):
+    """The digits source reads scikit-learn's CSV without importing scikit-learn: the same
+    images and labels as ``load_digits``, split as ``train_test_split`` splits them (order
+    too: it fixes the shuffle and the evaluation order); and through ``load_digits`` itself
+    when the CSV is not where scikit-learn keeps it."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    train, test = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0,
+                                   stratify=d.target)
+    images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+    for split, idx in (("train", train), ("test", test)):
+        src = input_pipeline.DigitsSource(split)
+        got = [src[i] for i in range(len(src))]
+        assert len(got) == len(idx)
+        assert np.array_equal(np.stack([ex["image"] for ex in got]), images[idx])
+        assert np.array_equal([ex["label"] for ex in got], d.target[idx])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn"
+                        else real(name, *a))
+    fallback = input_pipeline.load_digits()
+    assert np.array_equal(fallback[0], d.images) and np.array_equal(fallback[1], d.target)

@@ -19,8 +19,11 @@ Images stay uint8 until they are on the device (4x less to transfer); normalisat
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import grain
@@ -46,22 +49,35 @@ class DatasetInfo:
 
 
 # -- sources ----------------------------------------------------------------------------------
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797, 8, 8) in 0..16 and labels (1797,), read from the CSV
+    that scikit-learn ships, without importing scikit-learn (its import costs 1-3 s, the bulk of
+    the demo's data loading); through ``sklearn.datasets.load_digits`` if that file moved."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits as sklearn_digits
+        d = sklearn_digits()
+        return d.images, d.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 class DigitsSource:
     """scikit-learn's 1797 handwritten digits (8x8, 0..16) as uint8 images, a fixed 80/20
-    stratified split (seed 0) so the test set is always the same 360 images."""
+    stratified split so the test set is always the same 360 images: scikit-learn's
+    ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``, stored in
+    ``train/digits_split.json`` (tests/test_augment.py recomputes it)."""
     num_classes, channels = 10, 1
+    SPLIT_FILE = Path(__file__).with_name("digits_split.json")
 
     def __init__(self, split: str):
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
         if split not in ("train", "test"):
             raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
-        d = load_digits()
-        images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
-        idx_train, idx_test = train_test_split(np.arange(len(images)), test_size=0.2,
-                                               random_state=0, stratify=d.target)
-        idx = idx_train if split == "train" else idx_test
-        self._images, self._labels = images[idx], d.target[idx].astype(np.int32)
+        images, labels = load_digits()
+        images = np.round(images * (255 / 16)).astype(np.uint8)[..., None]
+        idx = np.asarray(json.loads(self.SPLIT_FILE.read_text())[split])
+        self._images, self._labels = images[idx], labels[idx].astype(np.int32)
 
     def __len__(self) -> int:
         return len(self._labels)
