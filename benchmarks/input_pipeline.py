@@ -324,6 +324,13 @@ def main(argv=None) -> int:
     args.batches = args.batches or args.images // args.batch - 2
     args.batches = max(2, args.batches + args.batches % 2)
     w, h = (int(x) for x in args.size.lower().split("x"))
+    try:  # --data: made if missing; a temporary directory inside it holds this run's JPEGs
+        if args.data:
+            Path(args.data).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --data {args.data}: cannot create it ({e.strerror}); pass a writable "
+              "directory", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
         root = Path(tmp)
         data = make_images(root, args.images, size=(w, h))

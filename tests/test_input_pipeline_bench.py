@@ -47,7 +47,8 @@ def test_odd_batches_round_up_to_even(tmp_path):
     """grain's two threads finish batches in pairs: an odd count would get one batch free."""
     out = tmp_path / "ip"
     run = _run("--images", "8", "--batch", "4", "--batches", "1", "--rounds", "1",
-               "--size", "100x75", "--impls", "grain", "--out", str(out))
+               "--size", "100x75", "--impls", "grain", "--out", str(out),
+               "--data", str(tmp_path / "not" / "yet"))  # made when missing
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["args"]["batches"] == 2 and result["runs"]["grain"][0]["images"] == 8
@@ -57,6 +58,11 @@ def test_odd_batches_round_up_to_even(tmp_path):
 def test_input_pipeline_bench_bad_args(tmp_path):
     run = _run("--impls", "grain,dali", "--out", str(tmp_path / "x"), timeout=120)
     assert run.returncode == 2 and "unknown pipeline" in run.stderr
+    assert not (tmp_path / "x.json").exists()
+    (tmp_path / "file").write_text("")
+    run = _run("--data", str(tmp_path / "file" / "jpegs"), "--out", str(tmp_path / "x"), timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("error: --data ") and len(
+        run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "x.json").exists()
 
 
