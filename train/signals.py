@@ -23,6 +23,8 @@ import sys
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+# vgg_flax.convert.atomic has its twin: importing it from there would import vgg_flax, and with
+# it jax, before the Ctrl-C handler is installed.
 def exit_now(code: int, message: str | None = None) -> None:
     """End the process with ``code`` after flushing stdout/stderr and writing ``message`` (one
     line, stderr), without interpreter teardown (``os._exit``): safe while other threads run."""
