@@ -352,3 +352,17 @@ def test_draft_decodes_big_jpegs_at_reduced_size(tmp_path):
     c.input.draft = True
     drafted = input_pipeline.get_source(c, "train")
     assert [(ex["image"].size, ex["image"].mode) for ex in drafted] == [((600, 450), "RGB")] * 2
+
+
+def test_a_file_named_for_another_format_still_decodes(tmp_path):
+    """decode opens a file with its extension's decoder first, then with every format: a PNG
+    named .jpg reads as the PNG it is, a JPEG as PIL reads it."""
+    photo = Image.fromarray(load_sample_images().images[1]).resize((64, 48))
+    photo.save(tmp_path / "png_inside.jpg", format="PNG")
+    photo.save(tmp_path / "real.JPG", quality=90)
+    assert np.array_equal(np.asarray(folder.decode(str(tmp_path / "png_inside.jpg"))),
+                          np.asarray(photo))
+    with Image.open(tmp_path / "real.JPG") as ref:
+        assert np.array_equal(np.asarray(folder.decode(str(tmp_path / "real.JPG"))),
+                              np.asarray(ref))
+    assert folder._formats(".JPG") == ("JPEG",) and folder._formats(".txt") is None

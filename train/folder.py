@@ -18,13 +18,14 @@ with no images is a ``DataError`` (one line; the trainer exits 2).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vgg_flax.images import to_rgb
 
@@ -66,11 +67,24 @@ def make_samples(directory: str | os.PathLike, classes: list[str],
     return samples, empty
 
 
+@functools.lru_cache(maxsize=None)
+def _formats(extension: str) -> tuple[str, ...] | None:
+    """The PIL format an extension names (``".jpg"`` -> ``("JPEG",)``); None: try them all.
+    Opening a JPEG with all ~40 of PIL's formats registered costs 0.19 ms, with its own 0.09:
+    3% of the training transform's time per image."""
+    fmt = Image.registered_extensions().get(extension.lower())
+    return (fmt,) if fmt in Image.OPEN else None
+
+
 def decode(path: str, draft: int | None = None) -> Image.Image:
     """The RGB image in ``path``, upright. ``draft``: let the JPEG decoder scale by 1/2, 1/4 or
     1/8 while decoding, as long as the shorter side stays >= ``draft`` (several times faster on
     camera-size photos; pixels then differ from a full decode and resize)."""
-    with Image.open(path) as im:
+    try:  # the extension's decoder first: PIL would try every registered format in turn
+        im = Image.open(path, formats=_formats(os.path.splitext(path)[1]))
+    except UnidentifiedImageError:  # a file whose extension names another format
+        im = Image.open(path)
+    with im:
         if draft and im.format == "JPEG":
             im.draft("RGB", (draft, draft))
         im.load()
