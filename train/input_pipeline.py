@@ -19,6 +19,7 @@ Images stay uint8 until they are on the device (4x less to transfer); normalisat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -49,18 +50,24 @@ class DatasetInfo:
 
 
 # -- sources ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits: images (1797, 8, 8) in 0..16 and labels (1797,), read from the CSV
-    that scikit-learn ships, without importing scikit-learn (its import costs 1-3 s, the bulk of
-    the demo's data loading); through ``sklearn.datasets.load_digits`` if that file moved."""
+    """scikit-learn's digits: images (1797, 8, 8) in 0..16 and labels (1797,), read-only, read
+    once per process (both splits share it) from the CSV that scikit-learn ships, without
+    importing scikit-learn (its import costs 1-3 s, the bulk of the demo's data loading);
+    through ``sklearn.datasets.load_digits`` if that file moved."""
     spec = importlib.util.find_spec("sklearn")
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
     if path is None or not path.is_file():
         from sklearn.datasets import load_digits as sklearn_digits
         d = sklearn_digits()
-        return d.images, d.target
-    data = np.loadtxt(path, delimiter=",")
-    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+        images, labels = d.images, d.target
+    else:
+        data = np.loadtxt(path, delimiter=",")
+        images, labels = data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    for a in (images, labels):
+        a.flags.writeable = False
+    return images, labels
 
 
 class DigitsSource:
