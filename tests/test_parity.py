@@ -22,6 +22,7 @@ from flax import nnx
 
 import vgg_flax
 import vgg_flax.nnx
+from vgg_flax.weights import torch_entries
 from torch_ref import (TORCHVISION_NAMES, nhwc, paper_vgg, ssd_backbone, ssd_backbone_state_dict,
                        torchvision_vgg)
 
@@ -82,15 +83,43 @@ def assert_bit_exact(sd, back):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
 
-@pytest.mark.parametrize("front", FRONTS)
-@pytest.mark.parametrize("name", TORCHVISION_NAMES)
-def test_torchvision_parity(name, front):
-    tm = torchvision_vgg(name)
-    sd = tm.state_dict()
+PAPER_CFGS = {"vgg11_lrn": "A-LRN", "vgg16_c": "C"}
+
+
+@functools.lru_cache(maxsize=1)
+def checked_conversion(name, seed=0):
+    """(reference torch model, its state_dict, ``from_torch`` of it) for variant ``name``, the
+    conversion checked once: bit for bit back through ``to_torch``, and the parameter count.
+
+    A variant's tests on both front ends and both convolutions run one after another and share
+    it (the last one is kept, ~0.5 GB at full size): converting and checking a full-size VGG is
+    ~3 s of copying that gives the same answer every time."""
+    if name == "vgg16_ssd":
+        tm = ssd_backbone(seed)
+        sd = ssd_backbone_state_dict(tm)
+    else:
+        tm = paper_vgg(PAPER_CFGS[name], seed) if name in PAPER_CFGS else torchvision_vgg(name, seed)
+        sd = tm.state_dict()
     variables = vgg_flax.from_torch(sd, name)
     assert_bit_exact(sd, vgg_flax.to_torch(variables, name))
     n_params = sum(v.size for v in jax.tree.leaves(variables["params"]))
-    assert n_params == sum(p.numel() for p in tm.parameters()) == vgg_flax.metadata(name)["num_params"]
+    assert n_params == sum(v.numel() for k, v in sd.items()
+                           if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert n_params == vgg_flax.metadata(name)["num_params"]
+    return tm, sd, variables
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_the_kept_conversion():
+    yield
+    checked_conversion.cache_clear()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
+def test_torchvision_parity(name, front):
+    tm, _, variables = checked_conversion(name)
+    assert sum(p.numel() for p in tm.parameters()) == vgg_flax.metadata(name)["num_params"]
 
     model = vgg_flax.create(name)
     # plain jit (nnx.jit for NNX), as a user runs it: speed never loosens the tolerance
@@ -110,34 +139,40 @@ def test_torchvision_parity(name, front):
             # One training-mode forward: batch statistics and torch's running-stat update
             # (momentum 0.1, unbiased variance) must match.
             x = torch.randn(4, 3, 64, 64, generator=g)
-            saved = {k: v.clone() for k, v in sd.items()}
+            # A training forward changes only the buffers (running stats, batch counts): those
+            # are saved and restored, not the whole (cached) model.
+            buffers = dict(tm.named_buffers())
+            saved = {k: v.clone() for k, v in buffers.items()}
             try:
                 tm.features.train()
                 with torch.no_grad():
                     feats_ref = tm.features(x)
-                running = {k: v.clone() for k, v in tm.state_dict().items()}
+                running = {k: v.clone() for k, v in buffers.items()}
             finally:
-                tm.load_state_dict(saved)
+                for k, v in saved.items():
+                    buffers[k].copy_(v)
                 tm.eval()
             # jitted: one program, not one per op
             feats, updates = runner(front, model.clone(taps=("pool5",)), variables,
                                     train=True)(nhwc(x))
             assert_close(feats["pool5"], nhwc(feats_ref), f"{front} {name} train-mode features")
-            stats = vgg_flax.to_torch({**variables, "batch_stats": updates}, name)
+            # the running stats through the converter's name table (checked bit for bit above)
+            entries = [e for e in torch_entries(model) if e.collection == "batch_stats"]
+            assert {e.torch_key for e in entries} == {k for k in running if "running" in k}
             moved = 0
-            for k in running:
-                if "running" in k:
-                    np.testing.assert_allclose(stats[k].numpy(), running[k].numpy(),
-                                               rtol=1e-5, atol=1e-6, err_msg=k)
-                    moved += not torch.equal(running[k], saved[k])
+            for e in entries:
+                layer, leaf = e.path
+                np.testing.assert_allclose(np.asarray(updates[layer][leaf]),
+                                           running[e.torch_key].numpy(), rtol=1e-5, atol=1e-6,
+                                           err_msg=e.torch_key)
+                moved += not torch.equal(running[e.torch_key], saved[e.torch_key])
             assert moved > 0, "the training forward did not update the running statistics"
 
 
 @pytest.mark.parametrize("front,conv_impl", FRONT_CONV)
 def test_taps_equal_torchvision_intermediates(front, conv_impl):
     name = "vgg16_bn"
-    tm = torchvision_vgg(name)
-    variables = vgg_flax.from_torch(tm.state_dict(), name)
+    tm, _, variables = checked_conversion(name)
     model = vgg_flax.create(name, conv=conv_impl)
     names = model.tap_names()
     # torchvision's Sequential indices, in the same order as our layer names
@@ -170,10 +205,8 @@ def test_taps_equal_torchvision_intermediates(front, conv_impl):
 @pytest.mark.parametrize("front,conv_impl", FRONT_CONV)
 @pytest.mark.parametrize("name,cfg", [("vgg11_lrn", "A-LRN"), ("vgg16_c", "C")])
 def test_paper_variants(name, cfg, front, conv_impl):
-    tm = paper_vgg(cfg)
-    sd = tm.state_dict()
-    variables = vgg_flax.from_torch(sd, name)
-    assert_bit_exact(sd, vgg_flax.to_torch(variables, name))
+    assert PAPER_CFGS[name] == cfg
+    tm, _, variables = checked_conversion(name)
     assert sum(p.numel() for p in tm.parameters()) == vgg_flax.metadata(name)["num_params"]
     x = torch.randn(2, 3, 224, 256, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -198,10 +231,7 @@ def test_lrn_is_krizhevskys_formula():
 
 @pytest.mark.parametrize("front,conv_impl", FRONT_CONV)
 def test_ssd_backbone_against_torchvision_ssd(front, conv_impl):
-    tm = ssd_backbone()
-    sd = ssd_backbone_state_dict(tm)
-    variables = vgg_flax.from_torch(sd, "vgg16_ssd")
-    assert_bit_exact(sd, vgg_flax.to_torch(variables, "vgg16_ssd"))
+    tm, sd, variables = checked_conversion("vgg16_ssd")
     assert sum(v.numel() for v in sd.values()) == vgg_flax.metadata("vgg16_ssd")["num_params"]
     x = torch.randn(1, 3, 300, 300, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -301,12 +331,11 @@ def test_training_gradients_equal_torchvision(front, conv_impl):
     max |torch grad|, matmul precision "highest".
     """
     name = "vgg11_bn"
-    tm = torchvision_vgg(name, seed=3)
+    tm, _, variables = checked_conversion(name, seed=3)
     for m in tm.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     tm.train()
-    variables = vgg_flax.from_torch(tm.state_dict(), name)
     model = vgg_flax.create(name, dropout_rate=0.0, conv=conv_impl)
     # Seed 7: no fc6/fc7 pre-activation lies within 5e-4 of zero. With batch 2, one unit whose
     # pre-activation rounds to the other side of 0 (seed 2 has one at -3.3e-6) flips its ReLU
@@ -364,8 +393,7 @@ def test_bf16_matches_torch_autocast():
     the fp32 reference too: ours must be within BF16_RTOL of torch's bf16 output (max abs diff
     over max |ref|), cosine >= 0.999, and no further from fp32 than twice torch's own error."""
     name = "vgg11_bn"
-    tm = torchvision_vgg(name)
-    variables = vgg_flax.from_torch(tm.state_dict(), name)
+    tm, _, variables = checked_conversion(name)
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         fp32 = tm(x).double().numpy()
