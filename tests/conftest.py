@@ -11,6 +11,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # that builds hundreds of models grew to 15 GB (two of them exhausted 24 GB). The tests of the
 # tuning run their own processes (tests/test_bench.py).
 os.environ.setdefault("VGG_FLAX_MALLOC", "default")
+# The two pytest-xdist workers and their subprocesses share the cores. GNU OpenMP's threads
+# (torch's and oneDNN's) otherwise spin for a while after each parallel region, on a core the
+# other worker is waiting for. Passive: two concurrent runs (test_transforms.py beside
+# test_onednn.py and test_nnx.py) took 73 s instead of 78-79 s. Scheduling only: no result
+# depends on it. Set here, before any OpenMP runtime loads; workers and subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # One persistent compilation cache for the whole run: both pytest-xdist workers and every CLI
 # subprocess (they inherit the environment) read a program another test already compiled. A
